@@ -1,0 +1,5 @@
+import sys
+
+from iddpm.cli.main import main
+
+sys.exit(main())

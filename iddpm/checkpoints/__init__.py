@@ -1,0 +1,1 @@
+"""Checkpoint I/O: atomic writes, iddpm's safetensors+JSON format, import of the original's .pt."""
