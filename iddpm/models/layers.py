@@ -1,0 +1,113 @@
+"""Small building blocks of the U-Net: normalisation, convolutions, timestep embedding.
+
+Conventions: tensors are ``[N, C, *spatial]`` (``spatial`` = (L,), (H, W) or (D, H, W) for
+``dims`` 1, 2, 3) in any memory format; nothing here forces a contiguous NCHW layout, so a
+channels_last input stays channels_last end to end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "GroupNorm32",
+    "normalization",
+    "conv_nd",
+    "avg_pool_nd",
+    "zero_module",
+    "timestep_embedding",
+    "silu",
+    "channels_last_format",
+]
+
+
+class GroupNorm32(nn.GroupNorm):
+    """``nn.GroupNorm`` computed in float32 whatever the input dtype; the result is cast back.
+
+    (The original's ``GroupNorm32``: ``super().forward(x.float()).type(x.dtype)``.)  A float32
+    input is normalised directly, with no conversion pass.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            out = F.group_norm(x.float(), self.num_groups, w, b, self.eps)
+        return out.to(x.dtype)
+
+
+def normalization(channels: int) -> GroupNorm32:
+    """The original's normalisation layer: GroupNorm with 32 groups, eps 1e-5, affine."""
+    return GroupNorm32(32, channels)
+
+
+def silu(x: torch.Tensor) -> torch.Tensor:
+    """SiLU ``x * sigmoid(x)``; in place (no extra allocation) when autograd is off.
+
+    Only call it on a freshly produced temporary (e.g. a GroupNorm output) -- never on a tensor
+    someone else still holds.
+    """
+    return F.silu(x, inplace=not torch.is_grad_enabled())
+
+
+def conv_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` for ``dims`` 1 / 2 / 3."""
+    if dims == 1:
+        return nn.Conv1d(*args, **kwargs)
+    if dims == 2:
+        return nn.Conv2d(*args, **kwargs)
+    if dims == 3:
+        return nn.Conv3d(*args, **kwargs)
+    raise ValueError(f"dims={dims}: only 1, 2 or 3 spatial dimensions are supported")
+
+
+def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
+    """``nn.AvgPool1d`` / ``2d`` / ``3d`` for ``dims`` 1 / 2 / 3."""
+    if dims == 1:
+        return nn.AvgPool1d(*args, **kwargs)
+    if dims == 2:
+        return nn.AvgPool2d(*args, **kwargs)
+    if dims == 3:
+        return nn.AvgPool3d(*args, **kwargs)
+    raise ValueError(f"dims={dims}: only 1, 2 or 3 spatial dimensions are supported")
+
+
+def zero_module(module: nn.Module) -> nn.Module:
+    """Zero every parameter of ``module`` in place and return it (the original's output layers start at 0)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.zero_()
+    return module
+
+
+def channels_last_format(ndim: int) -> torch.memory_format | None:
+    """The channels-last memory format for a tensor of ``ndim`` dims (4 -> 2D, 5 -> 3D), else None."""
+    if ndim == 4:
+        return torch.channels_last
+    if ndim == 5:
+        return torch.channels_last_3d
+    return None
+
+
+def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+    """Sinusoidal timestep embedding, exactly as the original computes it (float32 torch ops).
+
+    ``timesteps``: ``[N]`` int or float (fractional values allowed).  Returns float32 ``[N, dim]``
+    = ``concat(cos(t * f), sin(t * f))`` (cos first) with ``f_i = exp(-ln(max_period) * i / half)``,
+    ``i < half = dim // 2``, and a zero column appended when ``dim`` is odd.  The frequencies
+    are formed in float32 with the same op order as the original so results match bit for bit.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
+    freqs = freqs.to(device=timesteps.device)
+    args = timesteps[:, None].float() * freqs[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+    return embedding
