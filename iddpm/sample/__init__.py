@@ -1,0 +1,38 @@
+"""Sample generation: batch-size-invariant loops, super-resolution, npz / PNG / GIF output.
+
+Main entry points: :func:`generate` (uint8 NHWC images from a model + diffusion), :func:`upsample`
+(super-resolution from base samples), :func:`save_npz` (the original's layout), :func:`save_grid`.
+"""
+
+from iddpm.sample.loop import SampleResult, generate, resolve_labels, trajectory_frame_steps
+from iddpm.sample.noise import PerSampleNoise, sample_seed
+from iddpm.sample.output import (
+    load_npz,
+    make_grid,
+    npz_name,
+    save_grid,
+    save_npz,
+    save_pngs,
+    save_trajectory,
+    to_uint8,
+)
+from iddpm.sample.superres import low_res_from_uint8, upsample
+
+__all__ = [
+    "SampleResult",
+    "generate",
+    "resolve_labels",
+    "trajectory_frame_steps",
+    "PerSampleNoise",
+    "sample_seed",
+    "load_npz",
+    "make_grid",
+    "npz_name",
+    "save_grid",
+    "save_npz",
+    "save_pngs",
+    "save_trajectory",
+    "to_uint8",
+    "low_res_from_uint8",
+    "upsample",
+]

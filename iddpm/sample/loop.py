@@ -1,0 +1,189 @@
+"""Generation loops around a diffusion: ancestral (``p_sample``) or DDIM (``ddim_sample``) sampling.
+
+:func:`generate` is the batch-size-invariant sampler used by ``iddpm sample`` / ``iddpm upsample`` and
+:func:`iddpm.api.sample`.  It runs the same steps as the original's ``p_sample_loop`` /
+``ddim_sample_loop`` (t = T-1 .. 0, one ``p_sample`` / ``ddim_sample`` call per step), but every random
+draw comes from the sample's own stream (:mod:`iddpm.sample.noise`), so the images of a seed do not
+depend on the batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from iddpm.sample.noise import PerSampleNoise
+from iddpm.sample.output import to_uint8
+
+__all__ = ["SampleResult", "generate", "resolve_labels", "trajectory_frame_steps"]
+
+
+@dataclass
+class SampleResult:
+    """What :func:`generate` returns.
+
+    images: uint8 (N, H, W, C) in 0..255 (the original's ``arr_0``).
+    labels: int64 (N,) class labels, or None for unconditional models (the original's ``arr_1``).
+    samples: float32 (N, C, H, W) final samples in [-1, 1] before quantisation (only with ``return_float``).
+    trajectory: uint8 (F, n, H, W, C): F frames (x_T first, final sample last) of the first n samples
+        (only with ``return_trajectory``); ``trajectory_steps`` lists, per frame, the diffusion step index t
+        whose output it shows (``T`` for x_T).
+    """
+
+    images: np.ndarray
+    labels: np.ndarray | None = None
+    samples: np.ndarray | None = None
+    trajectory: np.ndarray | None = None
+    trajectory_steps: list[int] | None = None
+
+
+def resolve_labels(classes, num_samples: int, num_classes: int | None, seed: int = 0) -> np.ndarray | None:
+    """Class labels (int64 (num_samples,)) for a class-conditional model, or None when ``num_classes`` is None.
+
+    ``classes``: None -> uniform random labels drawn from ``seed`` (like the original's ``randint``, but
+    independent of the batch size); an int K -> all K; ``"balanced"`` -> ``arange(N) % num_classes``;
+    a sequence of N ints -> as given.
+    """
+    if num_classes is None:
+        if classes is not None:
+            from iddpm.config import ConfigError
+
+            raise ConfigError("--class/--balanced: the model is not class-conditional (trained without --class_cond)")
+        return None
+    if classes is None:
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x1ABE1]))
+        labels = rng.integers(0, num_classes, size=num_samples, dtype=np.int64)
+    elif isinstance(classes, str):
+        if classes != "balanced":
+            from iddpm.config import ConfigError
+
+            raise ConfigError(f"classes={classes!r}: use an int class, 'balanced', a list of labels or None")
+        labels = np.arange(num_samples, dtype=np.int64) % num_classes
+    elif isinstance(classes, (int, np.integer)):
+        labels = np.full(num_samples, int(classes), dtype=np.int64)
+    else:
+        labels = np.asarray(list(classes), dtype=np.int64)
+        if labels.shape != (num_samples,):
+            from iddpm.config import ConfigError
+
+            raise ConfigError(f"classes: got {labels.shape[0]} labels for {num_samples} samples")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        from iddpm.config import ConfigError
+
+        raise ConfigError(f"--class {int(labels.max() if labels.max() >= num_classes else labels.min())}: "
+                          f"out of range; the model has classes 0..{num_classes - 1}")
+    return labels
+
+
+def trajectory_frame_steps(num_timesteps: int, num_frames: int) -> list[int]:
+    """Which states a trajectory shows: ``T`` (x_T) and then outputs of steps t (descending, ending at 0)."""
+    num_frames = max(2, min(int(num_frames), num_timesteps + 1))
+    picks = np.linspace(num_timesteps, 0, num_frames)
+    steps = sorted({int(round(p)) for p in picks}, reverse=True)
+    return steps
+
+
+def _step(diffusion, model, x, t, *, use_ddim, eta, clip_denoised, model_kwargs, noise):
+    """One reverse step with explicitly supplied noise; returns the diffusion's output dict."""
+    if use_ddim:
+        return diffusion.ddim_sample(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                                     eta=eta, noise=noise)
+    return diffusion.p_sample(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs, noise=noise)
+
+
+@torch.no_grad()
+def generate(
+    model: Callable,
+    diffusion,
+    *,
+    num_samples: int,
+    batch_size: int,
+    image_shape: Sequence[int],
+    seed: int = 0,
+    use_ddim: bool = False,
+    eta: float = 0.0,
+    clip_denoised: bool = True,
+    classes=None,
+    num_classes: int | None = None,
+    model_kwargs_fn: Callable[[np.ndarray], dict] | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    return_trajectory: bool = False,
+    trajectory_samples: int = 8,
+    trajectory_frames: int = 10,
+    return_float: bool = False,
+    x_T: torch.Tensor | np.ndarray | None = None,
+) -> SampleResult:
+    """Draw ``num_samples`` images from ``model`` with ``diffusion`` (any respacing), batch by batch.
+
+    model: callable ``model(x[N,C,H,W], t[N], **model_kwargs) -> [N, C or 2C, H, W]`` (in eval mode).
+    image_shape: (C, H, W) of one sample.
+    seed: sample i's noise (x_T and every step) comes from its own stream seeded by (seed, i), so the
+        images do not depend on ``batch_size``.
+    use_ddim / eta: DDIM steps (``ddim_sample``) instead of ancestral ``p_sample``; eta 0 is deterministic.
+    classes / num_classes: see :func:`resolve_labels`; labels are passed to the model as ``y``
+        (num_classes None = unconditional model).
+    model_kwargs_fn: ``fn(indices int64 (n,)) -> dict of tensors (n, ...)`` of extra model inputs for the
+        samples with those global indices (e.g. ``low_res`` for super-resolution); moved to ``device``.
+    x_T: optional float (N, C, H, W) starting noise replacing the seeded x_T (e.g. a reference's).
+    Returns :class:`SampleResult` (uint8 NHWC images as the original's ``((x+1)*127.5).clamp(0,255)``).
+    """
+    from tqdm.auto import tqdm
+
+    if num_samples < 1:
+        raise ValueError("num_samples must be >= 1")
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    image_shape = tuple(int(s) for s in image_shape)
+    device = torch.device(device)
+    labels = resolve_labels(classes, num_samples, num_classes, seed)
+    if x_T is not None:
+        x_T = torch.as_tensor(x_T, dtype=torch.float32)
+        if tuple(x_T.shape) != (num_samples, *image_shape):
+            raise ValueError(f"x_T shape {tuple(x_T.shape)} != {(num_samples, *image_shape)}")
+    T = diffusion.num_timesteps
+    frame_steps = trajectory_frame_steps(T, trajectory_frames) if return_trajectory else []
+    n_traj = min(trajectory_samples, num_samples) if return_trajectory else 0
+    traj = {s: [] for s in frame_steps}
+
+    images, floats = [], []
+    num_batches = -(-num_samples // batch_size)
+    bar = tqdm(total=num_batches * T, disable=not progress, desc="sampling", unit="step", leave=False)
+    try:
+        for start in range(0, num_samples, batch_size):
+            idx = np.arange(start, min(start + batch_size, num_samples), dtype=np.int64)
+            noise = PerSampleNoise(seed, idx.tolist(), image_shape, device)
+            x = noise.draw()  # always drawn first so the step noise stream is the same with a given x_T
+            if x_T is not None:
+                x = x_T[idx].to(device)
+            kwargs = {}
+            if model_kwargs_fn is not None:
+                kwargs.update({k: v.to(device) for k, v in model_kwargs_fn(idx).items()})
+            if labels is not None:
+                kwargs["y"] = torch.as_tensor(labels[idx], device=device)
+            keep = max(0, min(n_traj - start, len(idx)))
+            if keep and T in traj:
+                traj[T].append(to_uint8(x[:keep]))
+            for i in reversed(range(T)):
+                t = torch.full((len(idx),), i, dtype=torch.long, device=device)
+                out = _step(diffusion, model, x, t, use_ddim=use_ddim, eta=eta, clip_denoised=clip_denoised,
+                            model_kwargs=kwargs, noise=noise.draw_like(x))
+                x = out["sample"]
+                if keep and i in traj:
+                    traj[i].append(to_uint8(x[:keep]))
+                bar.update(1)
+            images.append(to_uint8(x))
+            if return_float:
+                floats.append(x.float().cpu().numpy())
+    finally:
+        bar.close()
+    result = SampleResult(images=np.concatenate(images), labels=labels)
+    if return_float:
+        result.samples = np.concatenate(floats)
+    if return_trajectory:
+        result.trajectory = np.stack([np.concatenate(traj[s]) for s in frame_steps])
+        result.trajectory_steps = frame_steps
+    return result
