@@ -3,7 +3,8 @@
 Reads an improved-diffusion checkpoint safely (``torch.load(weights_only=True)``), checks it against
 the model of the preset/flags (a mismatch names the keys and the preset that fits) and writes iddpm's
 model file (safetensors + the full config in its metadata), which ``iddpm sample`` / ``nll`` load alone.
-Without ``--preset`` the preset is taken from a released file name or from the one fitting layout.
+Without ``--preset`` (and ``--config``) the preset is taken from a released file name or from the one
+preset whose layout fits; otherwise the model flags alone describe the model.
 """
 
 from __future__ import annotations
@@ -35,12 +36,9 @@ def run(args: argparse.Namespace) -> int:
     state_dict = load_openai_state_dict(src)
     if not getattr(args, "preset", None) and not getattr(args, "config", None):
         guessed = guess_preset(src, state_dict)
-        if guessed is None:
-            raise ConfigError(
-                f"{src}: cannot tell which model this is; pass --preset NAME (see `iddpm presets`) or the model flags"
-            )
-        args.preset = guessed
-        print(f"using --preset {guessed}")
+        if guessed is not None:
+            args.preset = guessed
+            print(f"using --preset {guessed}")
     cfg = resolve_run_config(args)
     if getattr(args, "dry_run", False):
         print(cfg.to_json())

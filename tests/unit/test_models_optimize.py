@@ -1,0 +1,118 @@
+"""optimize(): channels_last fast path (and torch.compile) gives the eager model's numbers."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from iddpm.models import OptimizedUNet, SuperResModel, UNetModel, optimize
+
+
+def tiny(**kw) -> UNetModel:
+    args = dict(in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1, attention_resolutions=(2,),
+                dropout=0.0, channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True, num_classes=4)
+    args.update(kw)
+    torch.manual_seed(0)
+    model = UNetModel(**args)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return model
+
+
+def batch(size=8):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(2, 3, size, size, generator=g), torch.tensor([10.0, 3000.5]), torch.tensor([1, 3])
+
+
+@pytest.mark.parametrize("mode", ["train", "sample"])
+def test_optimize_same_outputs_and_state_dict(mode):
+    model = tiny().eval()
+    x, t, y = batch()
+    with torch.no_grad():
+        ref = model(x, t, y=y)
+    keys = list(model.state_dict())
+    fast = optimize(model, mode, compile=False)
+    assert isinstance(fast, OptimizedUNet) and not fast.compiled
+    # parameters converted in place, keys unchanged, wrapper state_dict has no prefix
+    assert model.input_blocks[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert list(fast.state_dict()) == keys
+    assert {id(p) for p in fast.parameters()} == {id(p) for p in model.parameters()}
+    assert fast.num_classes == 4 and fast.model_channels == 32
+    with torch.no_grad():
+        out = fast(x, t, y=y)
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    assert optimize(fast, mode, compile=False).model is model  # idempotent
+    fast.load_state_dict(model.state_dict())
+
+
+def test_optimize_train_gradients_match_eager():
+    x, t, y = batch()
+    grads = []
+    for fast in (False, True):
+        model = tiny().train()
+        net = optimize(model, "train", compile=False) if fast else model
+        net(x, t, y=y).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_optimize_superres_low_res():
+    torch.manual_seed(0)
+    model = SuperResModel(3, 32, 6, 1, (2,), channel_mult=(1, 1), num_heads=2, use_scale_shift_norm=True).eval()
+    x, t, _ = batch(16)
+    low = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x, t, low_res=low)
+        out = optimize(model, "sample", compile=False)(x, t, low_res=low)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_optimize_rejects_unknown_mode():
+    with pytest.raises(ValueError, match="mode"):
+        optimize(tiny(), "fast")
+
+
+def test_optimize_default_does_not_compile_on_cpu():
+    assert not optimize(tiny(), "sample").compiled
+
+
+def _skip_without_compile(need_cxx: bool) -> None:
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile is not available in this PyTorch build")
+    from torch import _dynamo
+
+    if not _dynamo.is_dynamo_supported():
+        pytest.skip("torch.compile (dynamo) is not supported on this Python/platform")
+    if need_cxx and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        pytest.skip("torch.compile's inductor backend on CPU needs a C++ compiler (none found on PATH)")
+
+
+def _check_compiled(compile_kwargs):
+    model = UNetModel(3, 32, 3, 1, (1,), channel_mult=(1,), num_heads=1).eval()
+    x = torch.randn(2, 3, 4, 4)
+    t = torch.tensor([1.0, 7.0])
+    with torch.no_grad():
+        ref = model(x, t)
+        fast = optimize(model, "sample", compile=True, compile_kwargs=compile_kwargs)
+        assert fast.compiled
+        out = fast(x, t)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_compile_traces_tiny_model():
+    """Dynamo captures the whole forward (SDPA, GroupNorm, in-place SiLU) -- fast, no C++ build."""
+    _skip_without_compile(need_cxx=False)
+    _check_compiled({"backend": "aot_eager", "fullgraph": True})
+
+
+@pytest.mark.slow
+def test_compile_tiny_model_inductor():
+    """The default inductor backend (C++ code generation on CPU: ~40 s cold, seconds once cached)."""
+    _skip_without_compile(need_cxx=True)
+    _check_compiled(None)
