@@ -166,6 +166,7 @@ def load_run(
     overrides: flat ``{flag: value}`` settings; for iddpm checkpoints only diffusion settings may change
         (e.g. ``{"rescale_timesteps": False}``); for ``.pt`` files any model/diffusion setting.
     timestep_respacing: sampling respacing (``"50"``, ``"ddim25"``, ``"10,15,20"``); None keeps the config's.
+        The returned config records it (``cfg.diffusion.timestep_respacing``).
     """
     from iddpm.config import apply_overrides
     from iddpm.config import preset as preset_config
@@ -193,6 +194,10 @@ def load_run(
         model, cfg = load_model_file(file, device="cpu")
         cfg = _apply_diffusion_overrides(cfg, overrides, str(file))
     diffusion = _build_sampling_diffusion(cfg, timestep_respacing)
+    if timestep_respacing is not None:  # the returned config describes the returned diffusion
+        import dataclasses
+
+        cfg = cfg.replace(diffusion=dataclasses.replace(cfg.diffusion, timestep_respacing=str(timestep_respacing)))
     model = model.to(device).eval()
     return model, diffusion, cfg
 
@@ -217,6 +222,8 @@ def _build_sampling_diffusion(cfg: RunConfig, timestep_respacing: str | None):
     except ValueError as exc:
         resp = cfg.diffusion.timestep_respacing if timestep_respacing is None else timestep_respacing
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if msg.startswith("timestep respacing") and ": " in msg:  # avoid repeating the flag's value
+            msg = msg.split(": ", 1)[1]
         raise ConfigError(f"--timestep_respacing {resp}: {msg}") from None
 
 

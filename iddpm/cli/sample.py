@@ -103,7 +103,7 @@ def check_sampling_args(args: argparse.Namespace) -> None:
 
 def load_for_sampling(args: argparse.Namespace):
     """(model, diffusion, cfg, device) from the model-source flags; prints what was loaded."""
-    from iddpm.api import load_run, resolve_checkpoint
+    from iddpm.api import load_run
 
     device = resolve_device(args.device)
     overrides, respacing = overrides_from_args(args)
@@ -114,10 +114,19 @@ def load_for_sampling(args: argparse.Namespace):
         from iddpm.models import optimize
 
         model = optimize(model, mode="sample")
-    source = resolve_checkpoint(args.run)
-    print(f"loaded {source} ({'EMA' if args.use_ema else 'raw'} weights) on {device}; "
+    print(f"loaded {weights_source(args)} on {device}; "
           f"{diffusion.num_timesteps} sampling steps ({'DDIM eta=' + str(args.eta) if args.use_ddim else 'ancestral'})")
     return model, diffusion, cfg, device
+
+
+def weights_source(args: argparse.Namespace) -> str:
+    """The weights file a --run argument resolves to (what load_run reads)."""
+    from iddpm.api import pick_weights_file, resolve_checkpoint
+
+    src = resolve_checkpoint(args.run)
+    if src.is_dir():
+        src = pick_weights_file(src, args.use_ema, args.sample_ema_rate)
+    return str(src)
 
 
 def write_outputs(result, args: argparse.Namespace, info: dict[str, Any]) -> Path:
@@ -172,17 +181,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def sampling_info(args: argparse.Namespace, cfg, diffusion, elapsed: float, n: int) -> dict[str, Any]:
-    from iddpm.api import resolve_checkpoint
-
     return {
         "run": str(args.run),
-        "checkpoint": str(resolve_checkpoint(args.run)),
+        "weights": weights_source(args),
         "use_ema": bool(args.use_ema),
         "num_samples": int(n),
         "batch_size": args.batch_size,
         "seed": args.seed,
-        "timestep_respacing": cfg.diffusion.timestep_respacing if overrides_from_args(args)[1] is None
-        else overrides_from_args(args)[1],
+        "timestep_respacing": cfg.diffusion.timestep_respacing,
         "num_sampling_steps": int(diffusion.num_timesteps),
         "use_ddim": bool(args.use_ddim),
         "eta": args.eta,
