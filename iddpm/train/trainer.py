@@ -1,0 +1,355 @@
+"""The training loop.  It receives every object it works with (model, diffusion, data, sampler, process
+context, sinks, config) and builds none of them (see :mod:`iddpm.train.app` for the wiring).
+
+One optimizer step (the original's ``TrainLoop.run_step``):
+
+1. lr from :func:`~iddpm.train.schedule.lr_at` (linear anneal over ``lr_anneal_steps``, optional warmup);
+2. the rank's batch is split into micro-batches of ``--microbatch`` examples; for each, timesteps and
+   noise are drawn per example (:mod:`iddpm.train.draws`), ``diffusion.training_losses`` is computed
+   (model forward under the precision policy's autocast), the loss-aware sampler is fed the raw losses,
+   and ``mean(loss * weights)`` of the micro-batch is back-propagated.  As in the original, micro-batch
+   gradients are **summed** (not averaged): with ``k`` micro-batches the gradient is ``k`` times the
+   full-batch mean's, which AdamW's normalisation makes (almost) irrelevant, but it matters for
+   ``--grad_clip``.  Under DDP only the last micro-batch synchronises gradients (``no_sync``);
+3. optional gradient clipping, the optimizer step (skipped under fp16 when gradients overflow), then
+   every EMA is updated (not after a skipped step).
+
+``step`` counts completed optimizer steps; checkpoint ``step_N`` holds weights after N updates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from iddpm.config import RunConfig
+from iddpm.runtime.distributed import DistContext
+from iddpm.runtime.seeding import capture_rng_state, restore_rng_state
+from iddpm.runtime.sinks import MultiSink, ProgressBar
+from iddpm.train.draws import example_draws, global_positions
+from iddpm.train.ema import EMA
+from iddpm.train.meter import MetricMeter
+from iddpm.train.precision import Precision
+from iddpm.train.schedule import lr_at
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf (fp32/bf16); the message names the step and the timesteps involved."""
+
+
+@dataclass
+class TrainResult:
+    step: int  # completed optimizer steps
+    stop_reason: str  # max_steps | lr_anneal_steps | max_minutes | signal
+    last_checkpoint: Path | None
+    images_per_second: float
+    seconds: float
+
+
+class Trainer:
+    """Runs optimizer steps until a limit, a signal or an error; checkpoints into ``run_dir``.
+
+    Args:
+        model: the raw network (parameters float32, on ``dist.device``); EMA / state dicts come from it.
+        train_module: what is called in the forward pass (``optimize(model)``, possibly wrapped in DDP);
+            defaults to ``model``.
+        diffusion: object with ``training_losses`` and ``num_timesteps``.
+        data: iterable of ``(x float32 [b, C, H, W], cond)`` for this rank (``b`` = global batch / world size),
+            with ``state_dict()/load_state_dict()`` for exact resume (e.g. :class:`iddpm.data.BatchLoader`).
+        schedule_sampler: timestep sampler (``sample``, optional ``update_with_local_losses``).
+        dist: the process context.  sinks: metric sinks (rank 0's; empty elsewhere).
+        cfg: the resolved run config.  run_dir: where checkpoints / samples go (None: nowhere).
+        sample_diffusion: a (respaced) diffusion for the sample grids (None: no grids); ``sample_ddim``:
+            sample it with DDIM (eta 0) instead of ancestral steps.
+        grid_low_res: float32 [n, C, h, w] inputs for super-resolution sample grids.
+    """
+
+    def __init__(self, *, model: torch.nn.Module, diffusion, data, schedule_sampler, dist: DistContext,
+                 cfg: RunConfig, sinks: MultiSink | None = None, run_dir: str | Path | None = None,
+                 train_module: torch.nn.Module | None = None, sample_diffusion=None,
+                 sample_ddim: bool = False, grid_low_res: torch.Tensor | None = None,
+                 progress: bool = True) -> None:
+        self.model = model
+        self.train_module = train_module if train_module is not None else model
+        self.diffusion = diffusion
+        self.data = data
+        self.sampler = schedule_sampler
+        self.dist = dist
+        self.cfg = cfg
+        self.tcfg = cfg.train
+        self.sinks = sinks or MultiSink()
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.sample_diffusion = sample_diffusion
+        self.sample_ddim = sample_ddim
+        self.grid_low_res = grid_low_res
+        self.progress = progress
+        self.device = dist.device
+        self.global_batch = self.tcfg.batch_size
+        self.local_batch = self.global_batch // dist.world_size
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=self.tcfg.lr, weight_decay=self.tcfg.weight_decay)
+        self.precision = Precision(self.tcfg.effective_precision, self.device, self.tcfg.fp16_scale_growth)
+        self.ema = EMA(model, self.tcfg.ema_rates)
+        self.meter = MetricMeter()
+        self.step = 0
+        self.last_checkpoint: Path | None = None
+        self._last_saved_step: int | None = None
+        self._stop_signal: str | None = None
+        self._sample_model: torch.nn.Module | None = None
+
+    # ------------------------------------------------------------------------------------------
+    # state
+    # ------------------------------------------------------------------------------------------
+    def training_state(self) -> dict:
+        """JSON-able state besides weights/optimizer (gathered from every rank: RNG states are per rank)."""
+        rng = self.dist.all_gather_object(capture_rng_state())
+        state = {
+            "world_size": self.dist.world_size,
+            "global_batch": self.global_batch,
+            "precision": self.precision.mode,
+            "scaler": self.precision.state_dict(),
+            "ema_rates": list(self.ema.rates),
+            "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
+            "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
+            "rng": rng,
+        }
+        return state
+
+    def save(self) -> Path | None:
+        """Checkpoint the current step into ``run_dir`` (all ranks call it; rank 0 writes)."""
+        from iddpm.checkpoints.run_dir import save_checkpoint
+
+        state = self.training_state()  # collective
+        path = None
+        if self.dist.is_main and self.run_dir is not None:
+            path = save_checkpoint(
+                self.run_dir, self.step, cfg=self.cfg, model_state=self.model.state_dict(),
+                ema_states=[(r, self.ema.state_dict(self.model, i)) for i, r in enumerate(self.ema.rates)],
+                optimizer_state=self.optimizer.state_dict(), state=state, keep_last=self.tcfg.keep_last,
+            )
+        self.dist.barrier()
+        self._last_saved_step = self.step
+        if path is not None:
+            self.last_checkpoint = path
+        return path
+
+    def load(self, ckpt, *, restore_rng: bool = True) -> None:
+        """Continue from a :class:`~iddpm.checkpoints.run_dir.Checkpoint` (weights-only checkpoints restart
+        optimizer and EMA from the weights)."""
+        self.model.load_state_dict(ckpt.model, strict=True)
+        self.ema = EMA(self.model, self.tcfg.ema_rates)
+        for i, rate in enumerate(self.ema.rates):
+            if rate in ckpt.emas:
+                self.ema.load_state_dict(i, ckpt.emas[rate])
+        if ckpt.optimizer is not None:
+            self.optimizer.load_state_dict(ckpt.optimizer)
+        st = ckpt.state
+        self.step = int(st.get("step", 0))
+        self._last_saved_step = self.step
+        sampler_state = st.get("sampler") or {}
+        if hasattr(self.sampler, "load_state_dict") and sampler_state.get("type") == type(self.sampler).__name__:
+            self.sampler.load_state_dict(sampler_state)
+        if st.get("data") and hasattr(self.data, "load_state_dict") and \
+                st.get("global_batch", self.global_batch) == self.global_batch:
+            self.data.load_state_dict(st["data"])
+        if st.get("scaler") and st.get("precision") == self.precision.mode:
+            self.precision.load_state_dict(st["scaler"])
+        rng = st.get("rng")
+        if restore_rng and rng and len(rng) == self.dist.world_size:
+            restore_rng_state(rng[self.dist.rank])
+
+    # ------------------------------------------------------------------------------------------
+    # one step
+    # ------------------------------------------------------------------------------------------
+    def _model_kwargs(self, x: torch.Tensor, cond: dict) -> dict:
+        kwargs = {}
+        if self.cfg.model.class_cond:
+            kwargs["y"] = cond["y"].to(self.device)
+        if self.cfg.model.super_res:  # the original's load_superres_data
+            kwargs["low_res"] = F.interpolate(x, self.cfg.model.small_size, mode="area")
+        return kwargs
+
+    def _forward(self, x, t, **kwargs):
+        with self.precision.autocast():
+            out = self.train_module(x, t, **kwargs)
+        return out.float()
+
+    def train_step(self, x: torch.Tensor, cond: dict) -> dict:
+        """One optimizer step on this rank's batch; returns ``{"loss": float, "stepped": bool}``."""
+        tc = self.tcfg
+        x = x.to(self.device, non_blocking=True).float()
+        kwargs = self._model_kwargs(x, cond)
+        n = x.shape[0]
+        lr = lr_at(self.step, tc.lr, tc.lr_anneal_steps, tc.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        micro = tc.microbatch if tc.microbatch > 0 else n
+        positions = global_positions(n, self.dist.rank, self.dist.world_size)
+        bad_t: list[int] = []
+        loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
+        for i in range(0, n, micro):
+            sl = slice(i, min(i + micro, n))
+            t, weights, noise = example_draws(self.sampler, tc.seed, self.step, positions[sl], x.shape[1:],
+                                              self.device)
+            mkw = {k: v[sl] for k, v in kwargs.items()}
+            last = sl.stop >= n
+            sync = contextlib.nullcontext() if last or not hasattr(self.train_module, "no_sync") \
+                else self.train_module.no_sync()
+            with sync:
+                losses = self.diffusion.training_losses(self._forward, x[sl], t, model_kwargs=mkw, noise=noise)
+                if hasattr(self.sampler, "update_with_local_losses"):
+                    self.sampler.update_with_local_losses(t, losses["loss"].detach())
+                loss = (losses["loss"] * weights).mean()
+                self.meter.add_losses(self.diffusion.num_timesteps, t, {k: v * weights for k, v in losses.items()})
+                finite = torch.isfinite(losses["loss"].detach())
+                if not bool(finite.all()):
+                    bad_t += t[~finite].tolist()
+                loss_acc += loss.detach().double() * (sl.stop - sl.start) / n
+                self.precision.scale(loss).backward()
+        loss_sum = float(loss_acc)
+        if self.dist.any_flag(bool(bad_t)) and not self.precision.scaling:
+            everywhere = sorted({t for ts in self.dist.all_gather_object(bad_t) for t in ts})
+            raise NonFiniteLossError(
+                f"non-finite loss at step {self.step + 1} (timesteps {everywhere}); stopped without updating. "
+                f"Last good checkpoint: {self.last_checkpoint or 'none'}. Try a lower --lr, --grad_clip 1, "
+                "or --precision fp32"
+            )
+        self.precision.unscale_(self.optimizer)
+        grad_norm = self._grad_norm()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip, foreach=True)
+        stepped = self.precision.step(self.optimizer)
+        if stepped:
+            self.ema.update(self.model)
+        self.step += 1
+        self.meter.add("grad_norm", grad_norm)
+        self.meter.add("lr", lr)
+        if self.precision.scaling:
+            self.meter.add("lg_loss_scale", math.log2(self.precision.loss_scale()))
+            self.meter.add("skipped_steps", 0.0 if stepped else 1.0)
+        return {"loss": loss_sum, "stepped": stepped}
+
+    def _grad_norm(self) -> float:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return 0.0
+        norms = torch._foreach_norm(grads)
+        return float(torch.linalg.vector_norm(torch.stack(norms)).item())
+
+    # ------------------------------------------------------------------------------------------
+    # loop
+    # ------------------------------------------------------------------------------------------
+    def _step_limit(self) -> int | None:
+        limits = [s for s in (self.tcfg.max_steps, self.tcfg.lr_anneal_steps) if s > 0]
+        return min(limits) if limits else None
+
+    def _install_signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        old = {}
+
+        def handler(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt  # second Ctrl-C: stop now
+            self._stop_signal = signal.Signals(signum).name
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            old[sig] = signal.signal(sig, handler)
+        return old
+
+    def run(self) -> TrainResult:
+        """Train until ``--max_steps`` / ``--lr_anneal_steps`` / ``--max_minutes`` / SIGINT / SIGTERM."""
+        tc = self.tcfg
+        limit = self._step_limit()
+        start_step = self.step
+        old_handlers = self._install_signals()
+        bar = ProgressBar(limit, self.step, self.global_batch, enabled=self.dist.is_main and self.progress)
+        t0 = time.perf_counter()
+        t_log, step_log = t0, self.step
+        reason = "max_steps"
+        it = iter(self.data)
+        try:
+            while True:
+                if limit is not None and self.step >= limit:
+                    reason = "lr_anneal_steps" if limit == tc.lr_anneal_steps else "max_steps"
+                    break
+                stop_time = tc.max_minutes > 0 and time.perf_counter() - t0 >= 60.0 * tc.max_minutes
+                if self.dist.any_flag(self._stop_signal is not None or stop_time):
+                    reason = "signal" if self._stop_signal or not stop_time else "max_minutes"
+                    break
+                x, cond = next(it)
+                out = self.train_step(x, cond)
+                bar.update(self.step, out["loss"])
+                if self.step % tc.log_interval == 0:
+                    now = time.perf_counter()
+                    metrics = self.meter.means()
+                    metrics["samples"] = float(self.step * self.global_batch)
+                    metrics["img_per_s"] = (self.step - step_log) * self.global_batch / max(now - t_log, 1e-9)
+                    self.sinks.write(self.step, metrics)
+                    self.meter.reset()
+                    t_log, step_log = now, self.step
+                if tc.save_interval > 0 and self.step % tc.save_interval == 0:
+                    self.save()
+                if tc.sample_every > 0 and self.step % tc.sample_every == 0:
+                    self.sample_grid()
+        finally:
+            bar.close()
+            for sig, h in old_handlers.items():
+                signal.signal(sig, h)
+        if self._last_saved_step != self.step:
+            self.save()
+        seconds = time.perf_counter() - t0
+        ips = (self.step - start_step) * self.global_batch / seconds if seconds > 0 else 0.0
+        self.sinks.close()
+        return TrainResult(self.step, reason, self.last_checkpoint, ips, seconds)
+
+    # ------------------------------------------------------------------------------------------
+    # sample grids
+    # ------------------------------------------------------------------------------------------
+    def ema_model(self, index: int = 0) -> torch.nn.Module:
+        """A copy of the network holding EMA ``index``'s weights (eval mode), reused between calls."""
+        if self._sample_model is None:
+            self._sample_model = copy.deepcopy(self.model).eval()
+            for p in self._sample_model.parameters():
+                p.requires_grad_(False)
+        self.ema.copy_to(self._sample_model, index)
+        return self._sample_model
+
+    def sample_grid(self, num_samples: int | None = None) -> Path | None:
+        """Write ``RUN_DIR/samples/step_XXXXXXXX.png`` from the first EMA (rank 0; fixed seed)."""
+        if not self.dist.is_main or self.run_dir is None or self.sample_diffusion is None:
+            return None
+        from iddpm.sample import generate, save_grid
+
+        m = self.cfg.model
+        if num_samples is None:
+            num_samples = 64 if m.image_size <= 32 else 16
+        model = self.ema_model(0)
+        kwargs_fn = None
+        if self.grid_low_res is not None:
+            low = self.grid_low_res
+            num_samples = min(num_samples, low.shape[0])
+
+            def kwargs_fn(idx):
+                return {"low_res": low[torch.from_numpy(idx)]}
+
+        result = generate(
+            model, self.sample_diffusion, num_samples=num_samples, batch_size=num_samples,
+            image_shape=(m.in_channels, m.image_size, m.image_size), seed=self.tcfg.seed,
+            use_ddim=self.sample_ddim, classes="balanced" if m.class_cond else None,
+            num_classes=m.num_classes if m.class_cond else None, model_kwargs_fn=kwargs_fn,
+            device=self.device, progress=False,
+        )
+        path = self.run_dir / "samples" / f"step_{self.step:08d}.png"
+        save_grid(result.images, path, nrow=int(math.ceil(math.sqrt(num_samples))))
+        return path
