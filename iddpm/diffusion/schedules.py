@@ -20,13 +20,18 @@ def get_named_beta_schedule(schedule_name: str, num_diffusion_timesteps: int) ->
     """Betas (float64, shape (T,)) of a named schedule.
 
     - ``"linear"`` (Ho et al. 2020): ``np.linspace(1e-4 * s, 0.02 * s, T)`` with ``s = 1000 / T``, so every T
-      has the same shape as the 1000-step schedule.
+      has the same shape as the 1000-step schedule (needs T >= 21 so that every beta stays below 1).
     - ``"cosine"`` (Nichol & Dhariwal 2021, eq. 17): alpha-bar(t) = cos((t + 0.008) / 1.008 * pi/2)^2,
       betas clipped at 0.999.
     """
     if not isinstance(num_diffusion_timesteps, int | np.integer) or num_diffusion_timesteps < 1:
         raise ValueError(f"number of diffusion steps must be a positive integer, got {num_diffusion_timesteps!r}")
     if schedule_name == "linear":
+        if num_diffusion_timesteps < 21:
+            raise ValueError(
+                f"the linear schedule needs at least 21 steps (its last beta 0.02 * 1000 / T must stay below 1), "
+                f"got {num_diffusion_timesteps}; use more steps or the cosine schedule"
+            )
         scale = 1000 / num_diffusion_timesteps
         beta_start = scale * 0.0001
         beta_end = scale * 0.02
