@@ -91,7 +91,7 @@ def overrides_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str |
 
 
 def check_sampling_args(args: argparse.Namespace) -> None:
-    if getattr(args, "num_samples", 1) < 1:
+    if (getattr(args, "num_samples", None) or 1) < 1 or getattr(args, "num_samples", None) == 0:
         raise ConfigError(f"--num_samples {args.num_samples}: must be >= 1")
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size {args.batch_size}: must be >= 1")

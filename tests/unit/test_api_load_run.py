@@ -14,13 +14,23 @@ TINY = dict(image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, chan
             attention_resolutions="4", learn_sigma=True, diffusion_steps=20, noise_schedule="cosine")
 
 
+def assert_same_images(a, b):
+    """Equal up to the network's float32 round-off across batch shapes (~1e-6): at most +-1 on < 1% of values."""
+    d = np.abs(a.astype(np.int64) - b.astype(np.int64))
+    assert d.max() <= 1 and (d > 0).mean() < 0.01, (d.max(), (d > 0).mean())
+
+
 def tiny_cfg(**kw) -> RunConfig:
     return apply_overrides(RunConfig(), dict(TINY, **kw)).validate()
 
 
 def weights(cfg, seed):
+    """State_dict of a tiny model; zero-initialised layers are filled so that outputs depend on the inputs."""
     torch.manual_seed(seed)
-    return api.build_model(cfg).state_dict()
+    g = torch.Generator().manual_seed(seed)
+    sd = api.build_model(cfg).state_dict()
+    return {k: torch.randn(v.shape, generator=g) * 0.1 if v.is_floating_point() and not v.any() else v
+            for k, v in sd.items()}
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +125,7 @@ def test_api_sample_from_run(run_dir):
     a = api.sample(run_dir, num_samples=3, batch_size=2, seed=5, timestep_respacing="5")
     b = api.sample(run_dir, num_samples=3, batch_size=3, seed=5, timestep_respacing="5", fast=False)
     assert a.images.shape == (3, 8, 8, 1) and a.images.dtype == np.uint8 and a.labels is None
-    np.testing.assert_array_equal(a.images, b.images)
+    assert_same_images(a.images, b.images)
 
 
 def test_api_sample_class_conditional(tmp_path):

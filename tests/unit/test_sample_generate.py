@@ -13,6 +13,12 @@ from iddpm.sample import PerSampleNoise, generate, resolve_labels, sample_seed, 
 SHAPE = (3, 4, 4)
 
 
+def assert_same_images(a, b):
+    """Equal up to the network's float32 round-off across batch shapes (~1e-6): at most +-1 on < 1% of values."""
+    d = np.abs(a.astype(np.int64) - b.astype(np.int64))
+    assert d.max() <= 1 and (d > 0).mean() < 0.01, (d.max(), (d > 0).mean())
+
+
 def toy_model(x, t, y=None, low_res=None):
     """A smooth stand-in for a network that depends on x, t and (optionally) the label / low_res input."""
     s = t.float().reshape(-1, 1, 1, 1)
@@ -149,7 +155,7 @@ def test_trajectory(diffusion):
 
 
 def test_tiny_unet_batch_invariance():
-    """A real (tiny) U-Net: batch 2 vs 4 gives the same uint8 images."""
+    """A real (tiny) U-Net: batch 2 vs 4 gives the same images up to the network's float round-off."""
     from iddpm.api import build_model
     from iddpm.config import RunConfig, apply_overrides
 
@@ -158,9 +164,15 @@ def test_tiny_unet_batch_invariance():
                                             diffusion_steps=10, noise_schedule="cosine"))
     torch.manual_seed(0)
     model = build_model(cfg).eval()
+    with torch.no_grad():  # fill the zero-initialised output layers so outputs depend on the input
+        g = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     diff = create_gaussian_diffusion(steps=10, learn_sigma=True, noise_schedule="cosine", rescale_timesteps=True)
-    kw = dict(num_samples=4, image_shape=(1, 8, 8), seed=11, progress=False)
+    kw = dict(num_samples=4, image_shape=(1, 8, 8), seed=11, progress=False, return_float=True)
     a = generate(model, diff, batch_size=2, **kw)
     b = generate(model, diff, batch_size=4, **kw)
     assert a.images.shape == (4, 8, 8, 1)
-    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_allclose(a.samples, b.samples, rtol=0, atol=1e-4)  # same noise; network round-off only
+    assert_same_images(a.images, b.images)

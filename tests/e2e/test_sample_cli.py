@@ -1,0 +1,160 @@
+"""``iddpm sample`` on tiny checkpoints: the original's npz layout, seeds, classes, DDIM, outputs, errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from iddpm.api import build_model
+from iddpm.checkpoints.model_file import save_model_file
+from iddpm.cli.main import main
+from iddpm.config import RunConfig, apply_overrides
+
+TINY = dict(image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+            attention_resolutions="4", learn_sigma=True, diffusion_steps=20, noise_schedule="cosine")
+
+
+def assert_same_images(a, b):
+    """Equal up to the network's float32 round-off across batch shapes (~1e-6): at most +-1 on < 1% of values."""
+    d = np.abs(a.astype(np.int64) - b.astype(np.int64))
+    assert d.max() <= 1 and (d > 0).mean() < 0.01, (d.max(), (d > 0).mean())
+
+
+def random_weights(cfg, seed: int = 0) -> dict:
+    """A tiny model's state_dict whose zero-initialised layers (output convs) are filled with small random
+    values, so that outputs depend on the inputs (x, t, y, low_res)."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    sd = build_model(cfg).state_dict()
+    return {k: torch.randn(v.shape, generator=g) * 0.1 if v.is_floating_point() and not v.any() else v
+            for k, v in sd.items()}
+
+
+def make_checkpoint(path, **kw):
+    cfg = apply_overrides(RunConfig(), dict(TINY, **kw)).validate()
+    return save_model_file(path, random_weights(cfg), cfg)
+
+
+@pytest.fixture(scope="module")
+def uncond(tmp_path_factory):
+    """A run directory in the COMMON layout (config.json + checkpoints/step_*/{model,ema_*}.safetensors)."""
+    root = tmp_path_factory.mktemp("run")
+    step = root / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    make_checkpoint(step / "model.safetensors")
+    make_checkpoint(step / "ema_0.9999.safetensors")
+    (root / "config.json").write_text(apply_overrides(RunConfig(), TINY).to_json())
+    return root
+
+
+@pytest.fixture(scope="module")
+def cond(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("cond") / "cond.safetensors", class_cond=True, num_classes=10)
+
+
+def sample(run, out, *extra):
+    return main(["sample", "--run", str(run), "--out", str(out), "--quiet", *extra])
+
+
+def test_npz_layout_grid_and_info(uncond, tmp_path, capsys):
+    assert sample(uncond, tmp_path, "--num_samples", "6", "--batch_size", "4", "--timestep_respacing", "5") == 0
+    npz = tmp_path / "samples_6x8x8x1.npz"
+    with np.load(npz) as z:
+        assert z.files == ["arr_0"]  # unconditional: no labels, like the original
+        images = z["arr_0"]
+    assert images.dtype == np.uint8 and images.shape == (6, 8, 8, 1)
+    assert images.std() > 0
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.mode == "L" and im.width > 8
+    info = json.loads((tmp_path / "sample_info.json").read_text())
+    assert info["num_sampling_steps"] == 5 and info["timestep_respacing"] == "5" and info["seed"] == 0
+    assert info["weights"].endswith("ema_0.9999.safetensors")
+    assert "samples/s" in capsys.readouterr().out
+
+
+def test_batch_size_does_not_change_images(uncond, tmp_path):
+    common = ["--num_samples", "4", "--timestep_respacing", "6", "--seed", "3", "--grid_size", "0"]
+    assert sample(uncond, tmp_path / "a", "--batch_size", "2", *common) == 0
+    assert sample(uncond, tmp_path / "b", "--batch_size", "4", *common) == 0
+    a = np.load(tmp_path / "a" / "samples_4x8x8x1.npz")["arr_0"]
+    b = np.load(tmp_path / "b" / "samples_4x8x8x1.npz")["arr_0"]
+    assert_same_images(a, b)
+    assert sample(uncond, tmp_path / "c", "--batch_size", "4", *common[:-2], "--seed", "4") == 0
+    assert not np.array_equal(a, np.load(tmp_path / "c" / "samples_4x8x8x1.npz")["arr_0"])
+
+
+def test_class_conditional_labels(cond, tmp_path):
+    assert sample(cond, tmp_path / "bal", "--num_samples", "12", "--balanced", "--timestep_respacing", "4") == 0
+    with np.load(tmp_path / "bal" / "samples_12x8x8x1.npz") as z:
+        assert z.files == ["arr_0", "arr_1"]
+        np.testing.assert_array_equal(z["arr_1"], np.arange(12) % 10)
+        assert z["arr_1"].dtype == np.int64
+    assert sample(cond, tmp_path / "k", "--num_samples", "3", "--class", "7", "--timestep_respacing", "4") == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "k" / "samples_3x8x8x1.npz")["arr_1"], [7, 7, 7])
+    assert sample(cond, tmp_path / "r", "--num_samples", "5", "--timestep_respacing", "4") == 0
+    labels = np.load(tmp_path / "r" / "samples_5x8x8x1.npz")["arr_1"]
+    assert labels.shape == (5,) and labels.min() >= 0 and labels.max() < 10
+
+
+def test_ddim_is_deterministic_given_x_T_and_writes_trajectory(uncond, tmp_path):
+    base = ["--num_samples", "3", "--timestep_respacing", "ddim5", "--use_ddim", "--grid_size", "0"]
+    assert sample(uncond, tmp_path / "a", *base, "--trajectory", "strip", "--save_pngs") == 0
+    assert sample(uncond, tmp_path / "b", *base, "--use_ddim", "True", "--eta", "0", "--fast", "false") == 0
+    a = np.load(tmp_path / "a" / "samples_3x8x8x1.npz")["arr_0"]
+    b = np.load(tmp_path / "b" / "samples_3x8x8x1.npz")["arr_0"]
+    assert_same_images(a, b)
+    assert (tmp_path / "a" / "trajectory.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "a" / "pngs").iterdir()) == ["000000.png", "000001.png", "000002.png"]
+    assert sample(uncond, tmp_path / "g", *base, "--trajectory", "gif") == 0
+    with Image.open(tmp_path / "g" / "trajectory.gif") as im:
+        assert im.n_frames > 1
+
+
+def test_raw_weights_flag(uncond, tmp_path):
+    assert sample(uncond, tmp_path, "--num_samples", "1", "--timestep_respacing", "2", "--no_ema") == 0
+    assert json.loads((tmp_path / "sample_info.json").read_text())["weights"].endswith("model.safetensors")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--timestep_respacing", "ddim8"], "--timestep_respacing ddim8: 20 steps cannot be strided"),
+    (["--class", "3"], "not class-conditional"),
+    (["--num_channels", "64"], "--num_channels"),
+    (["--eta", "0.5"], "--eta 0.5: only used with --use_ddim"),
+    (["--batch_size", "0"], "--batch_size 0"),
+])
+def test_errors_are_one_line(uncond, tmp_path, capsys, args, message):
+    assert sample(uncond, tmp_path, *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("iddpm sample: error:") and message in err[0]
+
+
+def test_missing_run_and_pt_without_preset(tmp_path, capsys):
+    assert sample(tmp_path / "missing", tmp_path) == 2
+    assert "no such file or directory" in capsys.readouterr().err
+    pt = tmp_path / "orig.pt"
+    torch.save({"w": torch.zeros(1)}, pt)
+    assert sample(pt, tmp_path) == 2
+    assert "add --preset" in capsys.readouterr().err
+
+
+def test_original_pt_with_flags(tmp_path):
+    cfg = apply_overrides(RunConfig(), TINY).validate()
+    pt = tmp_path / "orig.pt"
+    torch.save(random_weights(cfg, 1), pt)
+    flags = [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
+    assert sample(pt, tmp_path / "o", "--num_samples", "2", "--timestep_respacing", "3", *flags) == 0
+    assert np.load(tmp_path / "o" / "samples_2x8x8x1.npz")["arr_0"].shape == (2, 8, 8, 1)
+
+
+def test_module_entry_point(uncond, tmp_path):
+    out = subprocess.run([sys.executable, "-m", "iddpm", "sample", "--run", str(uncond), "--out", str(tmp_path),
+                          "--num_samples", "2", "--timestep_respacing", "2", "--quiet"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "samples_2x8x8x1.npz").is_file()
