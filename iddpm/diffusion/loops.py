@@ -28,6 +28,13 @@ def _default_device(model, noise) -> torch.device:
     return torch.device("cpu")
 
 
+def _last(outputs: Iterator[dict]) -> torch.Tensor:
+    final = None
+    for final in outputs:  # noqa: B007
+        pass
+    return final["sample"]
+
+
 class SamplingLoopsMixin:
     """``p_sample_loop(_progressive)`` and ``ddim_sample_loop(_progressive)``; mixed into GaussianDiffusion."""
 
@@ -41,6 +48,16 @@ class SamplingLoopsMixin:
                 raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
             return noise.to(device)
         return torch.randn(*shape, device=device, generator=draws.generator)
+
+    def _run_loop(self, step, model, shape, noise, device, progress, draws: NoiseDraws) -> Iterator[dict]:
+        """Shared body of the progressive loops: ``step(img, t, draw)`` for t = T-1 .. 0, no grad."""
+        img = self._loop_start(model, shape, noise, device, draws)
+        for i in self._timestep_indices(progress):
+            t = torch.tensor([i] * shape[0], device=img.device)
+            with torch.no_grad():
+                out = step(img, t, draws.like)
+                yield out
+                img = out["sample"]
 
     def _timestep_indices(self, progress: bool) -> Iterable[int]:
         indices = list(range(self.num_timesteps))[::-1]
@@ -72,21 +89,20 @@ class SamplingLoopsMixin:
         :param generator: torch.Generator for every draw (None: the global RNG, like the original).
         :param step_noise: iterable of per-step noise tensors replacing the draws (k-th used at t = T-1-k).
         """
-        final = None
-        for sample in self.p_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            generator=generator,
-            step_noise=step_noise,
-        ):
-            final = sample
-        return final["sample"]
+        return _last(
+            self.p_sample_loop_progressive(
+                model,
+                shape,
+                noise,
+                clip_denoised,
+                denoised_fn,
+                model_kwargs,
+                device,
+                progress,
+                generator=generator,
+                step_noise=step_noise,
+            )
+        )
 
     def p_sample_loop_progressive(
         self,
@@ -103,14 +119,11 @@ class SamplingLoopsMixin:
         step_noise: Iterable | None = None,
     ) -> Iterator[dict]:
         """Like :meth:`p_sample_loop` but yields each step's ``p_sample`` dict (``sample``, ``pred_xstart``)."""
-        draws = NoiseDraws(generator, step_noise)
-        img = self._loop_start(model, shape, noise, device, draws)
-        for i in self._timestep_indices(progress):
-            t = torch.tensor([i] * shape[0], device=img.device)
-            with torch.no_grad():
-                out = self._p_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs, draws.like)
-                yield out
-                img = out["sample"]
+
+        def step(img, t, draw):
+            return self._p_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs, draw)
+
+        yield from self._run_loop(step, model, shape, noise, device, progress, NoiseDraws(generator, step_noise))
 
     def ddim_sample_loop(
         self,
@@ -128,22 +141,21 @@ class SamplingLoopsMixin:
         step_noise: Iterable | None = None,
     ) -> torch.Tensor:
         """DDIM sampling from x_T to x_0 (arguments as :meth:`p_sample_loop`, plus ``eta``)."""
-        final = None
-        for sample in self.ddim_sample_loop_progressive(
-            model,
-            shape,
-            noise=noise,
-            clip_denoised=clip_denoised,
-            denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs,
-            device=device,
-            progress=progress,
-            eta=eta,
-            generator=generator,
-            step_noise=step_noise,
-        ):
-            final = sample
-        return final["sample"]
+        return _last(
+            self.ddim_sample_loop_progressive(
+                model,
+                shape,
+                noise,
+                clip_denoised,
+                denoised_fn,
+                model_kwargs,
+                device,
+                progress,
+                eta,
+                generator=generator,
+                step_noise=step_noise,
+            )
+        )
 
     def ddim_sample_loop_progressive(
         self,
@@ -161,11 +173,8 @@ class SamplingLoopsMixin:
         step_noise: Iterable | None = None,
     ) -> Iterator[dict]:
         """Like :meth:`ddim_sample_loop` but yields each step's ``ddim_sample`` dict."""
-        draws = NoiseDraws(generator, step_noise)
-        img = self._loop_start(model, shape, noise, device, draws)
-        for i in self._timestep_indices(progress):
-            t = torch.tensor([i] * shape[0], device=img.device)
-            with torch.no_grad():
-                out = self._ddim_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs, eta, draws.like)
-                yield out
-                img = out["sample"]
+
+        def step(img, t, draw):
+            return self._ddim_sample(model, img, t, clip_denoised, denoised_fn, model_kwargs, eta, draw)
+
+        yield from self._run_loop(step, model, shape, noise, device, progress, NoiseDraws(generator, step_noise))
