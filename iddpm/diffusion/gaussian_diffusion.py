@@ -60,7 +60,6 @@ class GaussianDiffusion(SamplingLoopsMixin, ObjectivesMixin):
         tables = diffusion_tables(betas)
         for name, arr in tables.items():
             setattr(self, name, arr)
-        self._table_names = tuple(tables)
         self.num_timesteps = int(self.betas.shape[0])
         self._device_tables: dict[tuple[str, str], torch.Tensor] = {}
 
