@@ -39,7 +39,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--num_examples {args.num_examples}: must be >= 1")
     if not str(args.out).lower().endswith((".csv", ".npz", ".json")):
         raise ConfigError(f"--out {args.out}: use a .csv, .npz or .json file name")
-    args.use_ddim, args.eta = False, 0.0  # for the loading message
     model, diffusion, cfg, device = load_for_sampling(args)
     if cfg.model.super_res:
         raise ConfigError(f"--run {args.run}: NLL of super-resolution models is not supported (needs low_res inputs)")

@@ -66,13 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str) -> str:
-    import torch
+    """``auto`` -> cuda when available else cpu; a clear error for an unavailable device."""
+    from iddpm.runtime.distributed import resolve_device as _resolve
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-    return name
+    return str(_resolve(name))
 
 
 def overrides_from_args(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
@@ -114,8 +111,12 @@ def load_for_sampling(args: argparse.Namespace):
         from iddpm.models import optimize
 
         model = optimize(model, mode="sample")
-    print(f"loaded {weights_source(args)} on {device}; "
-          f"{diffusion.num_timesteps} sampling steps ({'DDIM eta=' + str(args.eta) if args.use_ddim else 'ancestral'})")
+    if getattr(args, "use_ddim", None) is None:  # nll
+        what = f"{diffusion.num_timesteps} timesteps"
+    else:
+        kind = f"DDIM eta={args.eta}" if args.use_ddim else "ancestral"
+        what = f"{diffusion.num_timesteps} sampling steps ({kind})"
+    print(f"loaded {weights_source(args)} on {device}; {what}")
     return model, diffusion, cfg, device
 
 

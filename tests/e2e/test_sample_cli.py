@@ -158,3 +158,20 @@ def test_module_entry_point(uncond, tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "samples_2x8x8x1.npz").is_file()
+
+
+@pytest.mark.slow
+def test_run_directory_written_by_the_trainer(tmp_path, capsys):
+    """train (3 steps) -> sample / nll read the run directory alone (config from the checkpoint)."""
+    run_dir = tmp_path / "run"
+    assert main(["train", "--preset", "digits", "--num_channels", "32", "--num_res_blocks", "1",
+                 "--diffusion_steps", "30", "--batch_size", "4", "--max_steps", "2", "--save_interval", "2",
+                 "--ema_rate", "0.9999,0.99", "--run_dir", str(run_dir), "--log_interval", "1"]) == 0
+    capsys.readouterr()
+    assert sample(run_dir, tmp_path / "s", "--num_samples", "3", "--timestep_respacing", "ddim5", "--use_ddim") == 0
+    assert "step_00000002/ema_0.9999.safetensors" in capsys.readouterr().out
+    assert np.load(tmp_path / "s" / "samples_3x8x8x1.npz")["arr_0"].shape == (3, 8, 8, 1)
+    assert main(["nll", "--run", str(run_dir), "--num_examples", "4", "--timestep_respacing", "3",
+                 "--out", str(tmp_path / "n.json"), "--quiet", "--no_ema"]) == 0
+    assert "step_00000002/model.safetensors" in capsys.readouterr().out
+    assert json.loads((tmp_path / "n.json").read_text())["num_examples"] == 4
