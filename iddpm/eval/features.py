@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -150,7 +151,9 @@ class InceptionExtractor:
                 "or give --inception PATH to a local TorchScript file (8x8 digits: --extractor digits)"
             )
         try:
-            self.model = torch.jit.load(str(p), map_location="cpu").eval()
+            with warnings.catch_warnings():  # torch >= 2.9 marks torch.jit.load deprecated; the file is TorchScript
+                warnings.simplefilter("ignore", DeprecationWarning)
+                self.model = torch.jit.load(str(p), map_location="cpu").eval()
         except Exception as exc:
             raise ConfigError(f"--inception {p}: not a loadable TorchScript file ({type(exc).__name__})") from None
         self.device = torch.device(device)
