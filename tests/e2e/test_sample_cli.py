@@ -175,3 +175,18 @@ def test_run_directory_written_by_the_trainer(tmp_path, capsys):
                  "--out", str(tmp_path / "n.json"), "--quiet", "--no_ema"]) == 0
     assert "step_00000002/model.safetensors" in capsys.readouterr().out
     assert json.loads((tmp_path / "n.json").read_text())["num_examples"] == 4
+
+
+def test_npz_is_read_back_by_eval(cond, tmp_path, capsys):
+    """`iddpm eval` reads the npz `iddpm sample` wrote (and iddpm.api.evaluate gives the same numbers)."""
+    from iddpm import api
+
+    assert sample(cond, tmp_path, "--num_samples", "20", "--balanced", "--timestep_respacing", "3") == 0
+    npz = tmp_path / "samples_20x8x8x1.npz"
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(npz), str(npz), "--extractor", "random", "--metrics", "fid", "--json", str(out),
+                 "--no_progress"]) == 0
+    same = json.loads(out.read_text())
+    assert same["num_samples"] == 20 and abs(same["fid"]) < 1e-6  # identical sets
+    res = api.evaluate(str(npz), "digits-test", extractor="random", metrics=("fid",))
+    assert res["num_samples"] == 20 and res["num_reference"] == 360 and res["fid"] > 0
