@@ -94,3 +94,29 @@ def test_workers_match_main_process(labelled):
 def test_batch_too_large(labelled):
     with pytest.raises(ConfigError, match="batch_size"):
         make_loader(labelled, 64, shuffle=True, seed=0)
+
+
+def test_random_flip_through_loader_follows_epoch(tmp_path):
+    # asymmetric images: a flip is visible; the loader passes (index, epoch) so flips change per epoch
+    n = 12
+    imgs = np.zeros((n, 4, 4), np.uint8)
+    imgs[:, :, 0] = 200
+    imgs[:, 0, 1] = np.arange(n)  # identifies the image
+    np.savez(tmp_path / "f.npz", imgs)
+    ds = load_dataset(DataConfig(data_dir=str(tmp_path / "f.npz"), random_flip=True), 4, 1, seed=9)
+    loader = make_loader(ds, 4, shuffle=False, seed=0, infinite=True)
+    it = iter(loader)
+    epochs = []
+    for _ in range(3):
+        flipped = {}
+        for _ in range(len(loader)):
+            x, _ = next(it)
+            for img in x[:, 0]:
+                is_flipped = bool(img[0, -1] > 0)  # the bright column moved to the right
+                idx = int(round((float(img[0, 2 if is_flipped else 1]) + 1) * 127.5))
+                flipped[idx] = is_flipped
+        epochs.append([flipped[i] for i in range(n)])
+    assert epochs[0] != epochs[1] or epochs[1] != epochs[2]
+    from iddpm.data.dataset import flip_decision
+
+    assert epochs == [[flip_decision(9, e, i) for i in range(n)] for e in range(3)]
