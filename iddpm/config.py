@@ -128,6 +128,11 @@ class DiffusionConfig:
             raise ConfigError(f"--diffusion_steps {self.diffusion_steps}: must be >= 1")
         if self.noise_schedule not in ("linear", "cosine"):
             raise ConfigError(f"--noise_schedule {self.noise_schedule!r}: choose linear or cosine")
+        if self.noise_schedule == "linear" and self.diffusion_steps < 21:
+            raise ConfigError(
+                f"--diffusion_steps {self.diffusion_steps}: the linear schedule (beta_T = 0.02*1000/T) needs T >= 21; "
+                "use more steps or --noise_schedule cosine"
+            )
 
 
 @dataclass(frozen=True)
