@@ -2,7 +2,7 @@
 
 Sources (``samples`` / ``reference``):
 
-- a uint8 array ``[N, H, W(, C)]`` or an ``.npz`` in the original's layout (``arr_0`` uint8 NHWC),
+- a uint8 array / tensor ``[N, H, W(, C)]`` or an ``.npz`` in the original's layout (``arr_0`` uint8 NHWC),
 - an image folder (files of one size; read without resizing),
 - ``"digits-train"`` / ``"digits-test"`` / ``"digits-all"``: the bundled digits split,
 - saved feature statistics (an ``.npz`` with ``mu`` and ``sigma``, from ``save_stats`` or
@@ -47,6 +47,8 @@ def load_source(source: Any, flag: str = "SAMPLES") -> np.ndarray | FeatureStats
 
     if isinstance(source, FeatureStats):
         return source
+    if hasattr(source, "detach") and hasattr(source, "numpy"):  # a torch tensor
+        source = source.detach().cpu().numpy()
     if isinstance(source, np.ndarray):
         arr = source[..., None] if source.ndim == 3 else source
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] not in (1, 3):
@@ -196,7 +198,9 @@ def evaluate(
             skipped["is"] = f"needs class logits of the samples; extractor {ext_name!r} gives features only"
     if "pr" in metrics:
         if have_features and min(len(s_stats.features), len(r_stats.features)) > pr_k:
-            out["precision"], out["recall"] = precision_recall(r_stats.features, s_stats.features, k=pr_k)
+            out["precision"], out["recall"] = precision_recall(
+                r_stats.features, s_stats.features, k=pr_k, device=device
+            )
             out["pr_k"] = pr_k
         else:
             skipped["pr"] = no_feat if not have_features else f"needs more than k={pr_k} images per set"

@@ -10,7 +10,8 @@
   hyperspheres (k = 3).
 - :class:`FeatureStats` / :func:`save_stats` / :func:`load_stats` -- statistics files (.npz).
 
-All features are float64 ``[N, D]``.  Random subsets use an explicit seed.
+All features are float64 ``[N, D]``.  Random subsets use an explicit seed.  Precision/recall
+distances run blockwise in torch (optionally on an accelerator).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.linalg
+import torch
 
 __all__ = [
     "FeatureStats",
@@ -141,42 +143,48 @@ def inception_score(logits_or_probs: np.ndarray, splits: int = 10, from_logits: 
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _sq_dists(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances ``[len(a), len(b)]`` (clamped at 0 against round-off)."""
     d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
-    return np.maximum(d, 0.0)
+    return d.clamp_min_(0.0)
 
 
-def _knn_radii_sq(x: np.ndarray, k: int, batch: int) -> np.ndarray:
-    """Squared distance from each row to its k-th nearest other row."""
-    out = np.empty(len(x))
-    for i in range(0, len(x), batch):
-        d = _sq_dists(x[i : i + batch], x)
-        out[i : i + batch] = np.partition(d, k, axis=1)[:, k]  # index 0 is the point itself (distance 0)
-    return out
+def _knn_radii_sq(x: torch.Tensor, k: int, batch: int) -> torch.Tensor:
+    """Squared distance from each row to its k-th nearest other row (row blocks of ``batch``)."""
+    rows = max(1, min(batch, (1 << 24) // max(1, len(x))))  # keep a block under ~128 MB in float64
+    out = []
+    for i in range(0, len(x), rows):
+        # the k+1 smallest include the point itself (distance 0)
+        out.append(_sq_dists(x[i : i + rows], x).topk(k + 1, dim=1, largest=False).values[:, k])
+    return torch.cat(out)
 
 
-def _coverage(queries: np.ndarray, manifold: np.ndarray, radii_sq: np.ndarray, batch: int) -> float:
-    """Fraction of queries inside at least one hypersphere (center manifold[j], radius^2 radii_sq[j])."""
-    inside = np.zeros(len(queries), dtype=bool)
+def _coverage(queries: torch.Tensor, centers: torch.Tensor, radii_sq: torch.Tensor, batch: int) -> float:
+    """Fraction of queries inside at least one ball (center ``centers[j]``, squared radius ``radii_sq[j]``)."""
+    hits = 0
     for i in range(0, len(queries), batch):
         q = queries[i : i + batch]
-        hit = np.zeros(len(q), dtype=bool)
-        for j in range(0, len(manifold), batch):
-            hit |= (_sq_dists(q, manifold[j : j + batch]) <= radii_sq[None, j : j + batch]).any(1)
-        inside[i : i + batch] = hit
-    return float(inside.mean())
+        hit = torch.zeros(len(q), dtype=torch.bool, device=q.device)
+        for j in range(0, len(centers), batch):
+            hit |= (_sq_dists(q, centers[j : j + batch]) <= radii_sq[None, j : j + batch]).any(1)
+        hits += int(hit.sum())
+    return hits / len(queries)
 
 
 def precision_recall(
-    real_features: np.ndarray, fake_features: np.ndarray, k: int = 3, batch_size: int = 1024
+    real_features: np.ndarray, fake_features: np.ndarray, k: int = 3, batch_size: int = 1024, device: str = "cpu"
 ) -> tuple[float, float]:
     """Improved precision and recall (Kynkaenniemi et al. 2019).
 
     precision: fraction of fake points inside the real k-NN manifold (union of balls around each
     real point with radius = distance to its k-th nearest real neighbour); recall: the converse.
-    Distances are computed in blocks of ``batch_size`` rows (float64).
+    Distances are computed in blocks of ``batch_size`` rows with torch on ``device`` (float64 on
+    CPU, float32 on an accelerator).
     """
-    real, fake = np.asarray(real_features, np.float64), np.asarray(fake_features, np.float64)
+    dev = torch.device(device)
+    dtype = torch.float64 if dev.type == "cpu" else torch.float32
+    real = torch.as_tensor(np.asarray(real_features), dtype=dtype, device=dev)
+    fake = torch.as_tensor(np.asarray(fake_features), dtype=dtype, device=dev)
     if len(real) <= k or len(fake) <= k:
         raise ValueError(f"precision/recall with k={k} needs more than {k} feature vectors per set")
     real_r = _knn_radii_sq(real, k, batch_size)
