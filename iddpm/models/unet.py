@@ -136,6 +136,28 @@ class UNetModel(nn.Module):
             zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)),
         )
 
+    @property
+    def inner_dtype(self) -> torch.dtype:
+        """dtype of the torso (input/middle/output blocks): float32, or float16 after :meth:`convert_to_fp16`."""
+        return self.input_blocks[0][0].weight.dtype
+
+    def convert_to_fp16(self) -> None:
+        """The original's fp16 mode: convolution weights of the torso become float16 (GroupNorm, the
+        embedding MLPs and the output head stay float32; GroupNorm is computed in float32)."""
+        self._convert_torso(torch.float16)
+
+    def convert_to_fp32(self) -> None:
+        """Undo :meth:`convert_to_fp16`."""
+        self._convert_torso(torch.float32)
+
+    def _convert_torso(self, dtype: torch.dtype) -> None:
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            for module in part.modules():
+                if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                    module.weight.data = module.weight.data.to(dtype)
+                    if module.bias is not None:
+                        module.bias.data = module.bias.data.to(dtype)
+
     def embed(self, timesteps: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The ``[N, 4 * model_channels]`` conditioning: time-embedding MLP output plus label embedding."""
         if (y is not None) != (self.num_classes is not None):
@@ -154,7 +176,7 @@ class UNetModel(nn.Module):
         """Apply the model: ``x`` ``[N, C_in, *spatial]``, ``timesteps`` ``[N]``, ``y`` ``[N]`` labels or None."""
         emb = self.embed(timesteps, y)
         hs = []
-        h = x
+        h = x.to(self.inner_dtype)
         for module in self.input_blocks:
             h = module(h, emb)
             hs.append(h)
@@ -175,7 +197,7 @@ class UNetModel(nn.Module):
         emb = self.embed(timesteps, y)
         result: dict = dict(down=[], up=[])
         hs = []
-        h = x
+        h = x.to(self.inner_dtype)
         for module in self.input_blocks:
             h = module(h, emb)
             hs.append(h)

@@ -157,3 +157,23 @@ def test_state_dict_round_trip_strict():
     b.load_state_dict(a.state_dict(), strict=True)
     with pytest.raises(RuntimeError):
         tiny(model_channels=64).load_state_dict(a.state_dict(), strict=True)
+
+
+def test_bf16_autocast_and_fp16_torso():
+    model = tiny(num_classes=3).eval()
+    x, t = inputs()
+    y = torch.tensor([0, 2])
+    with torch.no_grad():
+        ref = model(x, t, y=y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x, t, y=y)
+        assert low.dtype == torch.bfloat16
+        torch.testing.assert_close(low.float(), ref, atol=0.1, rtol=0.05)
+        model.convert_to_fp16()
+        assert model.inner_dtype == torch.float16 and model.time_embed[0].weight.dtype == torch.float32
+        assert model.input_blocks[1][0].in_layers[0].weight.dtype == torch.float32  # GroupNorm stays fp32
+        half = model(x, t, y=y)
+    assert half.dtype == torch.float32  # the head runs in the input's dtype, like the original
+    torch.testing.assert_close(half, ref, atol=0.02, rtol=0.02)
+    model.convert_to_fp32()
+    assert model.inner_dtype == torch.float32
