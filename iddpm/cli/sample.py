@@ -21,9 +21,10 @@ from iddpm.config import ConfigError
 def add_model_source_flags(parser: argparse.ArgumentParser) -> None:
     """--run, --preset, --ema/--no_ema, --ema_rate, --device, --fast, and the model/diffusion flags for .pt files."""
     src = parser.add_argument_group("model source")
-    src.add_argument("--run", required=True, metavar="PATH",
+    src.add_argument("--run", "--model_path", dest="run", required=True, metavar="PATH",
                      help="run directory (latest checkpoint), checkpoints/step_* folder, .safetensors model file, "
-                          "or an improved-diffusion .pt (needs --preset or model/diffusion flags)")
+                          "or an improved-diffusion .pt (needs --preset or model/diffusion flags); --model_path is "
+                          "the original's name (use it under torchrun, whose own --run_path swallows --run)")
     src.add_argument("--preset", default=None, help="settings for an original .pt checkpoint (see `iddpm presets`)")
     src.add_argument("--ema", dest="use_ema", action="store_true", default=True, help="EMA weights (default)")
     src.add_argument("--no_ema", dest="use_ema", action="store_false", help="the raw (non-EMA) weights")
@@ -98,11 +99,11 @@ def check_sampling_args(args: argparse.Namespace) -> None:
         raise ConfigError(f"--eta {args.eta}: only used with --use_ddim; add --use_ddim or drop --eta")
 
 
-def load_for_sampling(args: argparse.Namespace):
+def load_for_sampling(args: argparse.Namespace, device: str | None = None, verbose: bool = True):
     """(model, diffusion, cfg, device) from the model-source flags; prints what was loaded."""
     from iddpm.api import load_run
 
-    device = resolve_device(args.device)
+    device = device or resolve_device(args.device)
     overrides, respacing = overrides_from_args(args)
     model, diffusion, cfg = load_run(args.run, use_ema=args.use_ema, ema_rate=args.sample_ema_rate,
                                      preset=args.preset, overrides=overrides, device=device,
@@ -116,8 +117,29 @@ def load_for_sampling(args: argparse.Namespace):
     else:
         kind = f"DDIM eta={args.eta}" if args.use_ddim else "ancestral"
         what = f"{diffusion.num_timesteps} sampling steps ({kind})"
-    print(f"loaded {weights_source(args)} on {device}; {what}")
+    if verbose:
+        print(f"loaded {weights_source(args)} on {device}; {what}")
     return model, diffusion, cfg, device
+
+
+def distributed_generate(args: argparse.Namespace, fn) -> tuple[object, object, object, float]:
+    """Run ``fn(model, diffusion, cfg, device, rank, world_size, progress) -> SampleResult`` on every process
+    (one under plain ``iddpm``, N under ``torchrun``) and gather the shares: ``(result or None off rank 0,
+    diffusion, cfg, seconds)``.  Batches are dealt round-robin; per-sample seeds make the images independent
+    of the number of processes."""
+    from iddpm.runtime.distributed import init_distributed
+    from iddpm.sample import gather_results
+
+    ctx = init_distributed(args.device)
+    try:
+        model, diffusion, cfg, device = load_for_sampling(args, device=str(ctx.device), verbose=ctx.is_main)
+        start = time.perf_counter()
+        part = fn(model, diffusion, cfg, device, ctx.rank, ctx.world_size, not args.quiet and ctx.is_main)
+        parts = ctx.all_gather_object(part)
+        elapsed = time.perf_counter() - start
+        return (gather_results(parts) if ctx.is_main else None), diffusion, cfg, elapsed
+    finally:
+        ctx.shutdown()
 
 
 def weights_source(args: argparse.Namespace) -> str:
@@ -159,25 +181,29 @@ def run(args: argparse.Namespace) -> int:
     check_sampling_args(args)
     if args.class_label is not None and args.class_label < 0:
         raise ConfigError(f"--class {args.class_label}: must be >= 0")
-    model, diffusion, cfg, device = load_for_sampling(args)
-    if cfg.model.super_res:
-        raise ConfigError(f"--run {args.run}: a super-resolution model; use `iddpm upsample --base_samples FILE.npz`")
     classes = args.class_label if args.class_label is not None else ("balanced" if args.balanced else None)
-    num_classes = cfg.model.num_classes if cfg.model.class_cond else None
-    start = time.perf_counter()
-    result = generate(
-        model, diffusion, num_samples=args.num_samples, batch_size=args.batch_size,
-        image_shape=(cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size), seed=args.seed,
-        use_ddim=args.use_ddim, eta=args.eta, clip_denoised=args.clip_denoised, classes=classes,
-        num_classes=num_classes, device=device, progress=not args.quiet,
-        return_trajectory=args.trajectory is not None,
-    )
-    elapsed = time.perf_counter() - start
-    info = sampling_info(args, cfg, diffusion, elapsed, result.images.shape[0])
+
+    def fn(model, diffusion, cfg, device, rank, world_size, progress):
+        if cfg.model.super_res:
+            raise ConfigError(f"--run {args.run}: a super-resolution model; use `iddpm upsample --base_samples "
+                              "FILE.npz`")
+        return generate(
+            model, diffusion, num_samples=args.num_samples, batch_size=args.batch_size,
+            image_shape=(cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size), seed=args.seed,
+            use_ddim=args.use_ddim, eta=args.eta, clip_denoised=args.clip_denoised, classes=classes,
+            num_classes=cfg.model.num_classes if cfg.model.class_cond else None, device=device, progress=progress,
+            return_trajectory=args.trajectory is not None, rank=rank, world_size=world_size,
+        )
+
+    result, diffusion, cfg, elapsed = distributed_generate(args, fn)
+    if result is None:  # not rank 0
+        return 0
+    n = result.images.shape[0]
+    info = sampling_info(args, cfg, diffusion, elapsed, n)
     info["classes"] = "balanced" if args.balanced else args.class_label
     write_outputs(result, args, info)
-    print(f"{result.images.shape[0]} samples in {elapsed:.1f} s ({result.images.shape[0] / elapsed:.2f} samples/s, "
-          f"{diffusion.num_timesteps * -(-result.images.shape[0] // args.batch_size) / elapsed:.1f} batch steps/s)")
+    print(f"{n} samples in {elapsed:.1f} s ({n / elapsed:.2f} samples/s, "
+          f"{diffusion.num_timesteps * -(-n // args.batch_size) / elapsed:.1f} batch steps/s)")
     return 0
 
 

@@ -8,13 +8,12 @@ as arr_1), ``grid.png`` and ``sample_info.json`` (plus ``pngs/`` / trajectory on
 from __future__ import annotations
 
 import argparse
-import time
 
 from iddpm.cli.sample import (
     add_model_source_flags,
     add_sampling_flags,
     check_sampling_args,
-    load_for_sampling,
+    distributed_generate,
     sampling_info,
     write_outputs,
 )
@@ -41,28 +40,32 @@ def run(args: argparse.Namespace) -> int:
         images = images[: args.num_samples]
         labels = None if labels is None else labels[: args.num_samples]
     check_sampling_args(args)
-    model, diffusion, cfg, device = load_for_sampling(args)
-    m = cfg.model
-    if not m.super_res:
-        raise ConfigError(f"--run {args.run}: not a super-resolution model (trained without --small_size); "
-                          "use `iddpm sample`")
-    if images.shape[1:] != (m.small_size, m.small_size, m.in_channels):
-        h, w, c = images.shape[1:]
-        raise ConfigError(f"--base_samples {args.base_samples}: images are {h}x{w}x{c}, the model upsamples "
-                          f"{m.small_size}x{m.small_size}x{m.in_channels}")
-    if m.class_cond and labels is not None and labels.size and labels.max() >= m.num_classes:
-        raise ConfigError(f"--base_samples {args.base_samples}: label {int(labels.max())} is out of range for a "
-                          f"model with {m.num_classes} classes")
-    start = time.perf_counter()
-    result = upsample(
-        model, diffusion, images, large_size=m.image_size, base_labels=labels, class_cond=m.class_cond,
-        num_classes=m.num_classes if m.class_cond else None, batch_size=args.batch_size, seed=args.seed,
-        use_ddim=args.use_ddim, eta=args.eta, clip_denoised=args.clip_denoised, device=device,
-        progress=not args.quiet, return_trajectory=args.trajectory is not None,
-    )
-    elapsed = time.perf_counter() - start
+
+    def fn(model, diffusion, cfg, device, rank, world_size, progress):
+        m = cfg.model
+        if not m.super_res:
+            raise ConfigError(f"--run {args.run}: not a super-resolution model (trained without --small_size); "
+                              "use `iddpm sample`")
+        if images.shape[1:] != (m.small_size, m.small_size, m.in_channels):
+            h, w, c = images.shape[1:]
+            raise ConfigError(f"--base_samples {args.base_samples}: images are {h}x{w}x{c}, the model upsamples "
+                              f"{m.small_size}x{m.small_size}x{m.in_channels}")
+        if m.class_cond and labels is not None and labels.size and labels.max() >= m.num_classes:
+            raise ConfigError(f"--base_samples {args.base_samples}: label {int(labels.max())} is out of range for a "
+                              f"model with {m.num_classes} classes")
+        return upsample(
+            model, diffusion, images, large_size=m.image_size, base_labels=labels, class_cond=m.class_cond,
+            num_classes=m.num_classes if m.class_cond else None, batch_size=args.batch_size, seed=args.seed,
+            use_ddim=args.use_ddim, eta=args.eta, clip_denoised=args.clip_denoised, device=device,
+            progress=progress, return_trajectory=args.trajectory is not None, rank=rank, world_size=world_size,
+        )
+
+    result, diffusion, cfg, elapsed = distributed_generate(args, fn)
+    if result is None:  # not rank 0
+        return 0
     info = sampling_info(args, cfg, diffusion, elapsed, result.images.shape[0])
     info["base_samples"] = str(args.base_samples)
     write_outputs(result, args, info)
-    print(f"upsampled {result.images.shape[0]} samples to {m.image_size}x{m.image_size} in {elapsed:.1f} s")
+    size = cfg.model.image_size
+    print(f"upsampled {result.images.shape[0]} samples to {size}x{size} in {elapsed:.1f} s")
     return 0

@@ -4,7 +4,7 @@ Main entry points: :func:`generate` (uint8 NHWC images from a model + diffusion)
 (super-resolution from base samples), :func:`save_npz` (the original's layout), :func:`save_grid`.
 """
 
-from iddpm.sample.loop import SampleResult, generate, resolve_labels, trajectory_frame_steps
+from iddpm.sample.loop import SampleResult, gather_results, generate, resolve_labels, trajectory_frame_steps
 from iddpm.sample.noise import PerSampleNoise, sample_seed
 from iddpm.sample.output import (
     load_npz,
@@ -21,6 +21,7 @@ from iddpm.sample.superres import low_res_from_uint8, upsample
 __all__ = [
     "SampleResult",
     "generate",
+    "gather_results",
     "resolve_labels",
     "trajectory_frame_steps",
     "PerSampleNoise",

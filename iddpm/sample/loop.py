@@ -20,7 +20,7 @@ import torch
 from iddpm.sample.noise import PerSampleNoise
 from iddpm.sample.output import to_uint8
 
-__all__ = ["SampleResult", "generate", "resolve_labels", "trajectory_frame_steps"]
+__all__ = ["SampleResult", "generate", "gather_results", "resolve_labels", "trajectory_frame_steps"]
 
 
 @dataclass
@@ -33,6 +33,8 @@ class SampleResult:
     trajectory: uint8 (F, n, H, W, C): F frames (x_T first, final sample last) of the first n samples
         (only with ``return_trajectory``); ``trajectory_steps`` lists, per frame, the diffusion step index t
         whose output it shows (``T`` for x_T).
+    indices: int64 (N,) global sample index of each row (``arange(N)`` unless this is one rank's share of a
+        distributed run; :func:`gather_results` merges the shares).
     """
 
     images: np.ndarray
@@ -40,6 +42,30 @@ class SampleResult:
     samples: np.ndarray | None = None
     trajectory: np.ndarray | None = None
     trajectory_steps: list[int] | None = None
+    indices: np.ndarray | None = None
+    trajectory_indices: np.ndarray | None = None
+
+
+def gather_results(parts: Sequence[SampleResult]) -> SampleResult:
+    """Merge the per-rank results of a distributed :func:`generate` (any order) into one, by global index."""
+    parts = [p for p in parts if p is not None]
+    idx = np.concatenate([p.indices for p in parts])
+    order = np.argsort(idx, kind="stable")
+
+    def cat(name, axis=0, index_name="indices"):
+        arrays = [getattr(p, name) for p in parts]
+        if any(a is None for a in arrays):
+            return None
+        merged = np.concatenate(arrays, axis=axis)
+        pos = np.argsort(np.concatenate([getattr(p, index_name) for p in parts]), kind="stable")
+        return np.take(merged, pos, axis=axis)
+
+    out = SampleResult(images=cat("images"), labels=cat("labels"), samples=cat("samples"), indices=idx[order])
+    if parts[0].trajectory is not None:
+        out.trajectory = cat("trajectory", axis=1, index_name="trajectory_indices")
+        out.trajectory_steps = parts[0].trajectory_steps
+        out.trajectory_indices = np.sort(np.concatenate([p.trajectory_indices for p in parts]))
+    return out
 
 
 def resolve_labels(classes, num_samples: int, num_classes: int | None, seed: int = 0) -> np.ndarray | None:
@@ -118,6 +144,8 @@ def generate(
     trajectory_frames: int = 10,
     return_float: bool = False,
     x_T: torch.Tensor | np.ndarray | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> SampleResult:
     """Draw ``num_samples`` images from ``model`` with ``diffusion`` (any respacing), batch by batch.
 
@@ -131,6 +159,8 @@ def generate(
     model_kwargs_fn: ``fn(indices int64 (n,)) -> dict of tensors (n, ...)`` of extra model inputs for the
         samples with those global indices (e.g. ``low_res`` for super-resolution); moved to ``device``.
     x_T: optional float (N, C, H, W) starting noise replacing the seeded x_T (e.g. a reference's).
+    rank / world_size: distributed sampling; this process runs batches rank, rank + world_size, ... and
+        returns its share (merge the shares with :func:`gather_results`: the images are those of one process).
     Returns :class:`SampleResult` (uint8 NHWC images as the original's ``((x+1)*127.5).clamp(0,255)``).
     """
     from tqdm.auto import tqdm
@@ -139,6 +169,8 @@ def generate(
         raise ValueError("num_samples must be >= 1")
     if batch_size < 1:
         raise ValueError("batch_size must be >= 1")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
     image_shape = tuple(int(s) for s in image_shape)
     device = torch.device(device)
     labels = resolve_labels(classes, num_samples, num_classes, seed)
@@ -149,13 +181,14 @@ def generate(
     T = diffusion.num_timesteps
     frame_steps = trajectory_frame_steps(T, trajectory_frames) if return_trajectory else []
     n_traj = min(trajectory_samples, num_samples) if return_trajectory else 0
-    traj = {s: [] for s in frame_steps}
+    traj: dict[int, list[np.ndarray]] = {s: [] for s in frame_steps}
 
-    images, floats = [], []
-    num_batches = -(-num_samples // batch_size)
-    bar = tqdm(total=num_batches * T, disable=not progress, desc="sampling", unit="step", leave=False)
+    # batch b (samples [b*batch_size, (b+1)*batch_size)) runs on rank b % world_size
+    starts = list(range(0, num_samples, batch_size))[rank::world_size]
+    images, floats, indices = [], [], []
+    bar = tqdm(total=len(starts) * T, disable=not progress, desc="sampling", unit="step", leave=False)
     try:
-        for start in range(0, num_samples, batch_size):
+        for start in starts:
             idx = np.arange(start, min(start + batch_size, num_samples), dtype=np.int64)
             noise = PerSampleNoise(seed, idx.tolist(), image_shape, device)
             x = noise.draw()  # always drawn first so the step noise stream is the same with a given x_T
@@ -178,14 +211,23 @@ def generate(
                     traj[i].append(to_uint8(x[:keep]))
                 bar.update(1)
             images.append(to_uint8(x))
+            indices.append(idx)
             if return_float:
                 floats.append(x.float().cpu().numpy())
     finally:
         bar.close()
-    result = SampleResult(images=np.concatenate(images), labels=labels)
+    h, w = image_shape[1:]
+    idx_all = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+    result = SampleResult(
+        images=np.concatenate(images) if images else np.zeros((0, h, w, image_shape[0]), np.uint8),
+        labels=None if labels is None else labels[idx_all],
+        indices=idx_all,
+    )
     if return_float:
-        result.samples = np.concatenate(floats)
+        result.samples = np.concatenate(floats) if floats else np.zeros((0, *image_shape), np.float32)
     if return_trajectory:
-        result.trajectory = np.stack([np.concatenate(traj[s]) for s in frame_steps])
+        empty = np.zeros((0, h, w, image_shape[0]), np.uint8)
+        result.trajectory = np.stack([np.concatenate(traj[s]) if traj[s] else empty for s in frame_steps])
         result.trajectory_steps = frame_steps
+        result.trajectory_indices = idx_all[idx_all < n_traj]
     return result

@@ -40,11 +40,14 @@ def upsample(
     device: str | torch.device = "cpu",
     progress: bool = True,
     return_trajectory: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> SampleResult:
     """Super-resolve every base image; returns uint8 (N, large_size, large_size, C) images (+ the base labels).
 
     base_images: uint8 (N, h, w, C) with h = w = the model's small_size.
     class_cond: pass ``base_labels`` as ``y`` (required then); ``num_classes`` is the model's class count.
+    rank / world_size: this process's share of a distributed run (see :func:`iddpm.sample.generate`).
     """
     from iddpm.config import ConfigError
 
@@ -64,7 +67,8 @@ def upsample(
         clip_denoised=clip_denoised, classes=labels if class_cond else None,
         num_classes=(num_classes or int(labels.max()) + 1) if class_cond else None,
         model_kwargs_fn=kwargs_fn, device=device, progress=progress, return_trajectory=return_trajectory,
+        rank=rank, world_size=world_size,
     )
     if labels is not None:
-        result.labels = labels
+        result.labels = labels[result.indices]
     return result

@@ -8,7 +8,14 @@ import torch
 
 from iddpm.config import ConfigError
 from iddpm.diffusion import create_gaussian_diffusion
-from iddpm.sample import PerSampleNoise, generate, resolve_labels, sample_seed, trajectory_frame_steps
+from iddpm.sample import (
+    PerSampleNoise,
+    gather_results,
+    generate,
+    resolve_labels,
+    sample_seed,
+    trajectory_frame_steps,
+)
 
 SHAPE = (3, 4, 4)
 
@@ -176,3 +183,22 @@ def test_tiny_unet_batch_invariance():
     assert a.images.shape == (4, 8, 8, 1)
     np.testing.assert_allclose(a.samples, b.samples, rtol=0, atol=1e-4)  # same noise; network round-off only
     assert_same_images(a.images, b.images)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_distributed_shares_gather_to_the_single_process_result(diffusion, world_size):
+    kw = dict(num_samples=7, batch_size=2, classes="balanced", num_classes=3, return_trajectory=True,
+              trajectory_samples=5, trajectory_frames=3)
+    single = run(diffusion, **kw)
+    parts = [run(diffusion, rank=r, world_size=world_size, **kw) for r in range(world_size)]
+    assert sum(p.images.shape[0] for p in parts) == 7
+    assert parts[1].indices.tolist()[:2] == [2, 3]  # batch 1 runs on rank 1
+    merged = gather_results(parts[::-1])  # order of the shares does not matter
+    np.testing.assert_array_equal(merged.indices, np.arange(7))
+    np.testing.assert_array_equal(merged.images, single.images)
+    np.testing.assert_array_equal(merged.labels, single.labels)
+    np.testing.assert_array_equal(merged.samples, single.samples)
+    np.testing.assert_array_equal(merged.trajectory, single.trajectory)
+    assert merged.trajectory_steps == single.trajectory_steps
+    with pytest.raises(ValueError, match="rank 3"):
+        run(diffusion, rank=3, world_size=3)
