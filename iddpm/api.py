@@ -238,6 +238,19 @@ def _fast(model, fast: bool):
     return optimize(model, mode="sample")
 
 
+def _objects(what: str, run, model, diffusion, cfg, timestep_respacing, load_kwargs: dict):
+    """(model, diffusion, cfg) from ``run`` (via :func:`load_run`) or from the given objects."""
+    if run is not None:
+        return load_run(run, timestep_respacing=timestep_respacing, **load_kwargs)
+    if model is None or diffusion is None:
+        raise ConfigError(f"{what}: pass a run (directory / checkpoint) or both model= and diffusion=")
+    if timestep_respacing is not None:
+        if cfg is None:
+            raise ConfigError(f"{what}: timestep_respacing needs cfg= (or pass a respaced diffusion)")
+        diffusion = _build_sampling_diffusion(cfg, timestep_respacing)
+    return model, diffusion, cfg
+
+
 def sample(
     run: str | os.PathLike | None = None,
     *,
@@ -275,16 +288,8 @@ def sample(
     """
     from iddpm.sample import generate
 
-    if run is not None:
-        model, diffusion, cfg = load_run(run, use_ema=use_ema, ema_rate=ema_rate, preset=preset, overrides=overrides,
-                                         device=device, timestep_respacing=timestep_respacing)
-    else:
-        if model is None or diffusion is None:
-            raise ConfigError("sample: pass a run (directory / checkpoint) or both model= and diffusion=")
-        if timestep_respacing is not None:
-            if cfg is None:
-                raise ConfigError("sample: timestep_respacing needs cfg= (or pass a respaced diffusion)")
-            diffusion = _build_sampling_diffusion(cfg, timestep_respacing)
+    model, diffusion, cfg = _objects("sample", run, model, diffusion, cfg, timestep_respacing, dict(
+        use_ema=use_ema, ema_rate=ema_rate, preset=preset, overrides=overrides, device=device))
     if cfg is not None:
         if cfg.model.super_res:
             raise ConfigError("sample: this is a super-resolution model; use iddpm.api.upsample / `iddpm upsample`")
@@ -383,16 +388,10 @@ def nll(
     """
     from iddpm.eval.nll import compute_nll
 
-    if run is not None:
-        model, diffusion, cfg = load_run(run, use_ema=use_ema, ema_rate=ema_rate, preset=preset, overrides=overrides,
-                                         device=device, timestep_respacing=timestep_respacing)
-    else:
-        if model is None or diffusion is None or (cfg is None and data is None):
-            raise ConfigError("nll: pass a run, or model= and diffusion= with cfg= (or data=)")
-        if timestep_respacing is not None:
-            if cfg is None:
-                raise ConfigError("nll: timestep_respacing needs cfg= (or pass a respaced diffusion)")
-            diffusion = _build_sampling_diffusion(cfg, timestep_respacing)
+    if run is None and cfg is None and data is None:
+        raise ConfigError("nll: with model= and diffusion=, pass cfg= (to find the data) or data=")
+    model, diffusion, cfg = _objects("nll", run, model, diffusion, cfg, timestep_respacing, dict(
+        use_ema=use_ema, ema_rate=ema_rate, preset=preset, overrides=overrides, device=device))
     use_labels = bool(cfg.model.class_cond) if cfg is not None else True
     if data is None:
         data = nll_loader(cfg, data_dir=data_dir, split=split, batch_size=batch_size)

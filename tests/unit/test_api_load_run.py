@@ -140,3 +140,20 @@ def test_api_nll_digits(run_dir):
     assert res.num_examples == 3 and res.vb_per_t.shape == (4,)
     assert np.isfinite(res.bpd) and res.bpd > 0
     assert res.bpd == pytest.approx(res.vb_sum + res.prior_bpd, rel=1e-6)
+
+
+def test_api_with_objects_instead_of_a_run(run_dir):
+    model, diffusion, cfg = api.load_run(run_dir)
+    with pytest.raises(ConfigError, match="model= and diffusion="):
+        api.sample(model=model)
+    with pytest.raises(ConfigError, match="image_shape"):
+        api.sample(model=model, diffusion=diffusion, num_samples=1)
+    with pytest.raises(ConfigError, match="needs cfg="):
+        api.sample(model=model, diffusion=diffusion, image_shape=(1, 8, 8), timestep_respacing="4")
+    a = api.sample(model=model, diffusion=diffusion, cfg=cfg, timestep_respacing="4", num_samples=2)
+    b = api.sample(run_dir, timestep_respacing="4", num_samples=2)
+    np.testing.assert_array_equal(a.images, b.images)
+    with pytest.raises(ConfigError, match="cfg="):
+        api.nll(model=model, diffusion=diffusion)
+    r = api.nll(model=model, diffusion=diffusion, cfg=cfg, timestep_respacing="3", num_examples=2)
+    assert r.num_examples == 2 and r.vb_per_t.shape == (3,)
