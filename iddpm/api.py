@@ -161,7 +161,8 @@ def load_run(
 
     path: a run directory (its latest checkpoint), a ``checkpoints/step_*`` folder, one of iddpm's
         ``.safetensors`` model files (the config travels in its metadata), or an improved-diffusion ``.pt``
-        (settings from ``preset`` and/or ``overrides``, e.g. ``preset="cifar10_uncond"``).
+        (settings from ``preset`` and/or ``overrides``, e.g. ``preset="cifar10_uncond"``; a released file
+        under its original name, e.g. ``cifar10_uncond_50M_500K.pt``, picks its preset by itself).
     use_ema / ema_rate: EMA weights (default; largest rate unless ``ema_rate``) or the raw weights.
     overrides: flat ``{flag: value}`` settings; for iddpm checkpoints only diffusion settings may change
         (e.g. ``{"rescale_timesteps": False}``); for ``.pt`` files any model/diffusion setting.
@@ -174,8 +175,12 @@ def load_run(
     file = resolve_checkpoint(path)
     if file.is_file() and file.suffix == ".pt":
         if not preset and not overrides:
-            raise ConfigError(f"--run {path}: the original's .pt checkpoints carry no settings; add --preset NAME "
-                              "(see `iddpm presets`) or the model/diffusion flags")
+            from iddpm.checkpoints.openai import guess_preset
+
+            preset = guess_preset(file)  # only the exact file names of the released checkpoints
+            if preset is None:
+                raise ConfigError(f"--run {path}: the original's .pt checkpoints carry no settings; add --preset NAME "
+                                  "(see `iddpm presets`) or the model/diffusion flags")
         cfg = preset_config(preset) if preset else RunConfig()
         if overrides:
             cfg = apply_overrides(cfg, dict(overrides), source="flags")

@@ -29,7 +29,7 @@ def add_model_source_flags(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--ema", dest="use_ema", action="store_true", default=True, help="EMA weights (default)")
     src.add_argument("--no_ema", dest="use_ema", action="store_false", help="the raw (non-EMA) weights")
     src.add_argument("--use_ema", dest="use_ema", type=str2bool, metavar="BOOL", help="same as --ema / --no_ema")
-    src.add_argument("--ema_rate", dest="sample_ema_rate", default=None,
+    src.add_argument("--ema_rate", dest="sample_ema_rate", default=None, metavar="RATE",
                      help="which EMA file when a checkpoint has several (default: the largest rate)")
     src.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     src.add_argument("--fast", type=str2bool, nargs="?", const=True, default=True, metavar="BOOL",
@@ -118,7 +118,10 @@ def load_for_sampling(args: argparse.Namespace, device: str | None = None, verbo
         kind = f"DDIM eta={args.eta}" if args.use_ddim else "ancestral"
         what = f"{diffusion.num_timesteps} sampling steps ({kind})"
     if verbose:
-        print(f"loaded {weights_source(args)} on {device}; {what}")
+        src = weights_source(args)
+        if src.endswith(".pt"):
+            src += f" (preset {cfg.preset})" if cfg.preset else " (settings from flags)"
+        print(f"loaded {src} on {device}; {what}")
     return model, diffusion, cfg, device
 
 

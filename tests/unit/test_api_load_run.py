@@ -121,6 +121,13 @@ def test_original_pt_needs_settings(tmp_path):
         api.load_run(pt, overrides=dict(TINY, num_channels=64))
 
 
+def test_released_file_name_picks_its_preset(tmp_path):
+    pt = tmp_path / "cifar10_uncond_50M_500K.pt"
+    torch.save(weights(tiny_cfg(), 0), pt)  # the name says cifar10_uncond; the tiny weights do not fit it
+    with pytest.raises(ConfigError, match="preset cifar10_uncond"):
+        api.load_run(pt)
+
+
 def test_api_sample_from_run(run_dir):
     a = api.sample(run_dir, num_samples=3, batch_size=2, seed=5, timestep_respacing="5")
     b = api.sample(run_dir, num_samples=3, batch_size=3, seed=5, timestep_respacing="5", fast=False)
