@@ -90,8 +90,7 @@ class DistContext:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None,
-                                       broadcast_buffers=False)
+        return DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None)
 
     def shutdown(self) -> None:
         if self.is_distributed and tdist.is_initialized():

@@ -33,19 +33,40 @@ class MetricMeter:
             sums = torch.zeros(4, dtype=torch.float64, device=v.device).index_add_(0, quartile, v)
             self.add(f"{key}_q", sums, counts)
 
-    def means(self) -> dict[str, float]:
-        """Means since the last :meth:`reset` (quartiles that saw no example are left out)."""
-        out: dict[str, float] = {}
+    def totals(self) -> dict[str, tuple[list[float], list[float]]]:
+        """``{key: (sums, counts)}`` as Python floats (one entry, or four for ``*_q`` keys); synchronises once."""
+        out = {}
         for key, s in self._sums.items():
             c = self._counts[key]
-            if key.endswith("_q"):
-                s, c = s.cpu(), c.cpu()
-                for q in range(4):
-                    if c[q] > 0:
-                        out[f"{key}{q}"] = float(s[q] / c[q])
-            else:
-                out[key] = float(s / c) if isinstance(s, float) else float((s / c).item())
+            s = s.tolist() if isinstance(s, torch.Tensor) else s
+            c = c.tolist() if isinstance(c, torch.Tensor) else c
+            out[key] = (s if isinstance(s, list) else [float(s)], c if isinstance(c, list) else [float(c)])
         return out
+
+    @staticmethod
+    def merge(parts: list[dict[str, tuple[list[float], list[float]]]]) -> dict[str, float]:
+        """Means over several :meth:`totals` (e.g. one per rank); quartiles that saw no example are left out."""
+        sums: dict[str, list[float]] = {}
+        counts: dict[str, list[float]] = {}
+        for part in parts:
+            for key, (s, c) in part.items():
+                if key not in sums:
+                    sums[key], counts[key] = [0.0] * len(s), [0.0] * len(c)
+                sums[key] = [a + b for a, b in zip(sums[key], s)]
+                counts[key] = [a + b for a, b in zip(counts[key], c)]
+        out: dict[str, float] = {}
+        for key in sums:
+            if key.endswith("_q"):
+                for q, (s, c) in enumerate(zip(sums[key], counts[key])):
+                    if c > 0:
+                        out[f"{key}{q}"] = s / c
+            elif counts[key][0] > 0:
+                out[key] = sums[key][0] / counts[key][0]
+        return out
+
+    def means(self) -> dict[str, float]:
+        """Means since the last :meth:`reset` (quartiles that saw no example are left out)."""
+        return self.merge([self.totals()])
 
     def reset(self) -> None:
         self._sums.clear()

@@ -42,6 +42,16 @@ from iddpm.train.precision import Precision
 from iddpm.train.schedule import lr_at
 
 
+def param_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-1 of all parameter bytes (to check that every rank holds the same weights)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf (fp32/bf16); the message names the step and the timesteps involved."""
 
@@ -129,6 +139,9 @@ class Trainer:
         from iddpm.checkpoints.run_dir import save_checkpoint
 
         state = self.training_state()  # collective
+        state["param_sha1"] = self.dist.all_gather_object(param_fingerprint(self.model))
+        if len(set(state["param_sha1"])) > 1:
+            raise RuntimeError(f"ranks out of sync at step {self.step}: parameter hashes {state['param_sha1']}")
         path = None
         if self.dist.is_main and self.run_dir is not None:
             path = save_checkpoint(
@@ -292,7 +305,7 @@ class Trainer:
                 bar.update(self.step, out["loss"])
                 if self.step % tc.log_interval == 0:
                     now = time.perf_counter()
-                    metrics = self.meter.means()
+                    metrics = self.meter.merge(self.dist.all_gather_object(self.meter.totals()))  # all ranks
                     metrics["samples"] = float(self.step * self.global_batch)
                     metrics["img_per_s"] = (self.step - step_log) * self.global_batch / max(now - t_log, 1e-9)
                     self.sinks.write(self.step, metrics)
