@@ -7,6 +7,7 @@ Main entry points: :func:`generate` (uint8 NHWC images from a model + diffusion)
 from iddpm.sample.loop import SampleResult, gather_results, generate, resolve_labels, trajectory_frame_steps
 from iddpm.sample.noise import PerSampleNoise, sample_seed
 from iddpm.sample.output import (
+    grid_image,
     load_npz,
     make_grid,
     npz_name,
@@ -26,6 +27,7 @@ __all__ = [
     "trajectory_frame_steps",
     "PerSampleNoise",
     "sample_seed",
+    "grid_image",
     "load_npz",
     "make_grid",
     "npz_name",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -44,6 +45,21 @@ class SampleResult:
     trajectory_steps: list[int] | None = None
     indices: np.ndarray | None = None
     trajectory_indices: np.ndarray | None = None
+
+    def grid(self, nrow: int | None = None, max_images: int = 64, scale: int | None = None):
+        """The first ``max_images`` images as one ``PIL.Image`` grid (displays inline in notebooks)."""
+        from iddpm.sample.output import grid_image
+
+        return grid_image(self.images[:max_images], nrow=nrow, scale=scale)
+
+    def save(self, folder, grid: bool = True) -> Path:
+        """Write the original's ``samples_{N}x{H}x{W}x{C}.npz`` (+ ``grid.png``) into ``folder``; returns the npz."""
+        from iddpm.sample.output import save_grid, save_npz
+
+        path = save_npz(folder, self.images, self.labels)
+        if grid:
+            save_grid(self.images[:64], Path(folder) / "grid.png")
+        return path
 
 
 def gather_results(parts: Sequence[SampleResult]) -> SampleResult:

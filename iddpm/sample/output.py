@@ -23,6 +23,7 @@ __all__ = [
     "save_npz",
     "load_npz",
     "make_grid",
+    "grid_image",
     "save_grid",
     "save_pngs",
     "save_trajectory",
@@ -132,17 +133,23 @@ def _auto_scale(h: int) -> int:
     return max(1, 64 // h) if h < 64 else 1
 
 
-def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int | None = None, pad: int = 2,
-              scale: int | None = None) -> Path:
-    """Save uint8 NHWC images as one PNG grid (atomic).  ``scale`` (default: auto, tiles >= 64 px) magnifies
-    each pixel with nearest-neighbour so tiny images are visible.  Returns the path."""
+def grid_image(images: np.ndarray, nrow: int | None = None, pad: int = 2, scale: int | None = None):
+    """A ``PIL.Image`` grid of uint8 NHWC images; ``scale`` (default: auto, tiles >= 64 px) magnifies each
+    pixel with nearest-neighbour so tiny images are visible."""
     images = _check_nhwc(images)
     s = _auto_scale(images.shape[1]) if scale is None else int(scale)
     if s > 1:
         images = images.repeat(s, axis=1).repeat(s, axis=2)
-    grid = make_grid(images, nrow=nrow, pad=pad)
+    return _to_pil(make_grid(images, nrow=nrow, pad=pad))
+
+
+def save_grid(images: np.ndarray, path: str | os.PathLike, nrow: int | None = None, pad: int = 2,
+              scale: int | None = None) -> Path:
+    """Save uint8 NHWC images as one PNG grid (atomic); see :func:`grid_image`.  Returns the path."""
+    buf = io.BytesIO()
+    grid_image(images, nrow=nrow, pad=pad, scale=scale).save(buf, format="PNG")
     path = Path(path)
-    atomic_write_bytes(path, _png_bytes(grid))
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

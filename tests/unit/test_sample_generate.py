@@ -202,3 +202,14 @@ def test_distributed_shares_gather_to_the_single_process_result(diffusion, world
     assert merged.trajectory_steps == single.trajectory_steps
     with pytest.raises(ValueError, match="rank 3"):
         run(diffusion, rank=3, world_size=3)
+
+
+def test_result_grid_and_save(diffusion, tmp_path):
+    res = run(diffusion, num_samples=3, classes="balanced", num_classes=3)
+    img = res.grid(scale=1, nrow=3)
+    assert img.size == (2 + 3 * 6, 2 + 6) and img.mode == "RGB"
+    path = res.save(tmp_path)
+    assert path.name == "samples_3x4x4x3.npz" and (tmp_path / "grid.png").is_file()
+    with np.load(path) as z:
+        np.testing.assert_array_equal(z["arr_0"], res.images)
+        np.testing.assert_array_equal(z["arr_1"], [0, 1, 2])
