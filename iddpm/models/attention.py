@@ -68,6 +68,6 @@ class AttentionBlock(nn.Module):
         h = self.norm(x).flatten(2).transpose(1, 2)
         qkv = F.linear(h, self.qkv.weight.squeeze(-1), self.qkv.bias)
         a = qkv_attention(qkv, self.num_heads)
-        h = F.linear(a, self.proj_out.weight.squeeze(-1), self.proj_out.bias)
-        out = x_blc + h
+        out = F.linear(a, self.proj_out.weight.squeeze(-1), self.proj_out.bias)
+        out = out.add_(x_blc)  # residual, in place on the fresh projection output
         return out.transpose(1, 2).reshape(b, c, *spatial)

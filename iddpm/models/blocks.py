@@ -150,14 +150,18 @@ class ResBlock(TimestepBlock):
             b = out_norm.bias.view(-1, *([1] * self.dims)).to(h.dtype)
             factor = w * (1 + scale)
             offset = torch.addcmul(shift, b, 1 + scale)
-            h = torch.addcmul(offset, hn, factor)
+            if torch.is_grad_enabled():
+                h = torch.addcmul(offset, hn, factor)
+            else:  # hn is a temporary: write in place (no allocation)
+                h = torch.addcmul(offset, hn, factor, out=hn)
         else:
-            h = out_norm(h + emb_out)
+            # in place on the conv output (a temporary that conv's backward does not need)
+            h = out_norm(h.add_(emb_out))
         h = silu(h)
         if self.training and drop.p > 0:
             h = drop(h)
         h = out_conv(h)
-        return self.skip_connection(x) + h
+        return h.add_(self.skip_connection(x))  # in place on the fresh conv output
 
 
 def _group_norm_no_affine(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
