@@ -166,7 +166,7 @@ class ResBlock(TimestepBlock):
 
 def _group_norm_no_affine(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """GroupNorm without its affine part, computed in float32 and cast back to ``x.dtype``."""
-    if x.dtype == torch.float32:
+    if x.dtype in (torch.float32, torch.float64):
         return F.group_norm(x, norm.num_groups, None, None, norm.eps)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return F.group_norm(x.float(), norm.num_groups, None, None, norm.eps).to(x.dtype)

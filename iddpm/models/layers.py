@@ -26,14 +26,14 @@ __all__ = [
 
 
 class GroupNorm32(nn.GroupNorm):
-    """``nn.GroupNorm`` computed in float32 whatever the input dtype; the result is cast back.
+    """``nn.GroupNorm`` computed in at least float32 (half types are upcast); the result is cast back.
 
     (The original's ``GroupNorm32``: ``super().forward(x.float()).type(x.dtype)``.)  A float32
-    input is normalised directly, with no conversion pass.
+    or float64 input is normalised directly in its own dtype, with no conversion pass.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
+        if x.dtype in (torch.float32, torch.float64):
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         w = None if self.weight is None else self.weight.float()
         b = None if self.bias is None else self.bias.float()

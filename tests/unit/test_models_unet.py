@@ -177,3 +177,12 @@ def test_bf16_autocast_and_fp16_torso():
     torch.testing.assert_close(half, ref, atol=0.02, rtol=0.02)
     model.convert_to_fp32()
     assert model.inner_dtype == torch.float32
+
+
+@pytest.mark.parametrize("scale_shift", [True, False])
+def test_gradcheck_float64(scale_shift):
+    """Backward through every block (incl. the in-place residual adds) equals finite differences."""
+    model = tiny(use_scale_shift_norm=scale_shift, num_heads=1, channel_mult=(1, 1)).double().train()
+    x = torch.randn(1, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([17.0], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda inp: model(inp, t), (x,), eps=1e-6, atol=1e-5)
