@@ -1,0 +1,118 @@
+"""``iddpm demo``: train the ``digits`` preset on the bundled 8x8 digits for a few minutes on the CPU, then write
+a sample grid and print the test-split NLL in bits/dim.
+
+The model is unconditional (the preset's ``class_cond=False``).  Any training flag overrides the preset,
+e.g. ``iddpm demo --minutes 10 --class_cond True``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from iddpm.cli.args import add_config_flags, resolve_run_config
+
+DEMO_RUN_DIR = "runs/demo"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--minutes", type=float, default=5.0,
+                        help="training time budget in minutes (default 5; sampling and NLL take 1-2 more)")
+    parser.add_argument("--num_samples", type=int, default=100, help="images in the sample grid (default 100)")
+    parser.add_argument("--sample_steps", type=int, default=100,
+                        help="respaced sampling steps for the grid (default 100)")
+    parser.add_argument("--nll_examples", type=int, default=0,
+                        help="test images for the NLL (default 0 = the whole test split, 360 images)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bars")
+    add_config_flags(parser)
+
+
+def _fresh_run_dir(run_dir: Path) -> None:
+    """Reuse ``run_dir`` only if it is empty or an earlier demo (whose outputs are replaced)."""
+    from iddpm.checkpoints.run_dir import read_config
+    from iddpm.config import ConfigError
+
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return
+    try:
+        earlier = read_config(run_dir).preset == "digits"
+    except ConfigError:
+        earlier = False
+    if not earlier:
+        raise ConfigError(f"--run_dir {run_dir}: exists and is not an earlier demo run; choose another --run_dir")
+    for name in ("checkpoints", "tb", "samples"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in ("metrics.csv", "samples.png", "samples.npz", "nll.json"):
+        (run_dir / name).unlink(missing_ok=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from iddpm.config import ConfigError, preset
+
+    t_start = time.perf_counter()
+    if args.minutes <= 0:
+        raise ConfigError(f"--minutes {args.minutes}: must be > 0")
+    base = preset("digits")
+    base = base.replace(train=dataclasses.replace(base.train, run_dir=DEMO_RUN_DIR, max_minutes=args.minutes,
+                                                  save_interval=0, log_interval=100, sample_every=0))
+    cfg = resolve_run_config(args, base=base)
+    run_dir = Path(cfg.train.run_dir)
+    _fresh_run_dir(run_dir)
+
+    import torch
+
+    from iddpm.api import build_diffusion
+    from iddpm.data import load_dataset, make_loader
+    from iddpm.eval.nll import compute_nll, save_nll
+    from iddpm.models import optimize
+    from iddpm.sample import generate, save_grid, save_npz
+    from iddpm.train.app import build_trainer
+
+    m = cfg.model
+    cond = "class-conditional" if m.class_cond else "unconditional"
+    print(f"iddpm demo: training an {cond} {m.image_size}x{m.image_size} model on the bundled digits for "
+          f"{cfg.train.max_minutes:g} min (run dir {run_dir})", file=sys.stderr)
+    prepared = build_trainer(cfg, run_dir=run_dir, progress=not args.no_progress)
+    trainer = prepared.trainer
+    result = trainer.run()
+    t_train = time.perf_counter() - t_start
+    print(f"iddpm demo: {result.step} steps ({result.step * cfg.train.batch_size} images) in {result.seconds:.0f} s, "
+          f"{result.images_per_second:.0f} img/s", file=sys.stderr)
+
+    model = optimize(trainer.ema_model(0), "sample")
+    device = trainer.device
+    steps = min(args.sample_steps, cfg.diffusion.diffusion_steps)
+    sample_diffusion = build_diffusion(cfg.diffusion, timestep_respacing=str(steps))
+    with torch.no_grad():
+        samples = generate(model, sample_diffusion, num_samples=args.num_samples, batch_size=args.num_samples,
+                           image_shape=(m.in_channels, m.image_size, m.image_size), seed=cfg.train.seed,
+                           classes="balanced" if m.class_cond else None,
+                           num_classes=m.num_classes if m.class_cond else None, device=device,
+                           progress=not args.no_progress)
+    grid = save_grid(samples.images, run_dir / "samples.png", nrow=10)
+    save_npz(run_dir / "samples.npz", samples.images, samples.labels)
+    t_sample = time.perf_counter() - t_start - t_train
+
+    test = load_dataset(cfg.data, m.image_size, m.in_channels, split="test", seed=cfg.train.seed,
+                        with_labels=m.class_cond)
+    n_test = len(test)
+    n_eval = min(args.nll_examples, n_test) if args.nll_examples > 0 else n_test
+    loader = make_loader(test, min(n_eval, 120), shuffle=False, seed=0, drop_last=False)
+    nll = compute_nll(model, build_diffusion(cfg.diffusion), loader, device=device, seed=cfg.train.seed,
+                      max_examples=n_eval, use_labels=m.class_cond, progress=not args.no_progress)
+    save_nll(nll, run_dir / "nll.json")
+    t_nll = time.perf_counter() - t_start - t_train - t_sample
+    total = time.perf_counter() - t_start
+
+    which = "the whole test split" if n_eval == n_test else f"a subset: the first {n_eval} of {n_test} test images"
+    print(f"samples: {grid} ({args.num_samples} images, {steps} sampling steps, EMA {trainer.ema.rates[0]})")
+    print(f"test NLL: {nll.bpd:.3f} +- {nll.bpd_stderr:.3f} bits/dim over {which} "
+          f"(T = {cfg.diffusion.diffusion_steps}, {cond})")
+    print(f"time: {total / 60:.1f} min (train {t_train:.0f} s, sample {t_sample:.0f} s, nll {t_nll:.0f} s); "
+          f"checkpoint {result.last_checkpoint}")
+    return 0
