@@ -108,11 +108,25 @@ def _ema_files(folder: Path) -> dict[float, Path]:
     return out
 
 
+def _configured_ema_rates(model_file: Path) -> tuple[float, ...]:
+    """The ``--ema_rate`` list recorded in a model file's config (header only; () when unreadable)."""
+    import json
+
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(model_file), framework="pt") as f:
+            meta = f.metadata() or {}
+        return RunConfig.from_dict(json.loads(meta["iddpm_config"])).train.ema_rates
+    except Exception:  # not an iddpm file / no config: fall back to the largest rate
+        return ()
+
+
 def pick_weights_file(folder: Path, use_ema: bool = True, ema_rate: float | str | None = None) -> Path:
     """The weights file of a checkpoint folder: ``ema_<rate>.safetensors`` (EMA, default) or ``model.safetensors``.
 
-    ``ema_rate`` None picks the only EMA file, or the one with the largest rate when there are several
-    (0.9999 before 0.999).
+    ``ema_rate`` None picks the only EMA file; with several, the first rate of the run's ``--ema_rate`` list
+    (read from the checkpoint's config), else the largest rate.
     """
     if not use_ema:
         f = folder / "model.safetensors"
@@ -126,6 +140,12 @@ def pick_weights_file(folder: Path, use_ema: bool = True, ema_rate: float | str 
                               "weights")
         raise ConfigError(f"--run {folder}: no model weights (model.safetensors / ema_*.safetensors); {_RUN_HINT}")
     if ema_rate is None:
+        if len(emas) == 1:
+            return next(iter(emas.values()))
+        for r in _configured_ema_rates(next(iter(emas.values()))):
+            for have, f in emas.items():
+                if abs(have - r) < 1e-12:
+                    return f
         return emas[max(emas)]
     rate = float(ema_rate)
     for r, f in emas.items():
@@ -163,7 +183,7 @@ def load_run(
         ``.safetensors`` model files (the config travels in its metadata), or an improved-diffusion ``.pt``
         (settings from ``preset`` and/or ``overrides``, e.g. ``preset="cifar10_uncond"``; a released file
         under its original name, e.g. ``cifar10_uncond_50M_500K.pt``, picks its preset by itself).
-    use_ema / ema_rate: EMA weights (default; largest rate unless ``ema_rate``) or the raw weights.
+    use_ema / ema_rate: EMA weights (default; see :func:`pick_weights_file` for which rate) or the raw weights.
     overrides: flat ``{flag: value}`` settings; for iddpm checkpoints only diffusion settings may change
         (e.g. ``{"rescale_timesteps": False}``); for ``.pt`` files any model/diffusion setting.
     timestep_respacing: sampling respacing (``"50"``, ``"ddim25"``, ``"10,15,20"``); None keeps the config's.

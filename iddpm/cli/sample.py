@@ -30,7 +30,7 @@ def add_model_source_flags(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--no_ema", dest="use_ema", action="store_false", help="the raw (non-EMA) weights")
     src.add_argument("--use_ema", dest="use_ema", type=str2bool, metavar="BOOL", help="same as --ema / --no_ema")
     src.add_argument("--ema_rate", dest="sample_ema_rate", default=None, metavar="RATE",
-                     help="which EMA file when a checkpoint has several (default: the largest rate)")
+                     help="which EMA file when a checkpoint has several (default: the first of the run's --ema_rate)")
     src.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     src.add_argument("--fast", type=str2bool, nargs="?", const=True, default=True, metavar="BOOL",
                      help="channels_last fast path (+ torch.compile on CUDA) (default true)")

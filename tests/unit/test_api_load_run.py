@@ -164,3 +164,15 @@ def test_api_with_objects_instead_of_a_run(run_dir):
         api.nll(model=model, diffusion=diffusion)
     r = api.nll(model=model, diffusion=diffusion, cfg=cfg, timestep_respacing="3", num_examples=2)
     assert r.num_examples == 2 and r.vb_per_t.shape == (3,)
+
+
+def test_default_ema_file_is_the_first_configured_rate(tmp_path):
+    cfg = tiny_cfg(ema_rate="0.99,0.9999")
+    step = tmp_path / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    save_model_file(step / "model.safetensors", weights(cfg, 0), cfg)
+    save_model_file(step / "ema_0.9999.safetensors", weights(cfg, 1), cfg)
+    save_model_file(step / "ema_0.99.safetensors", weights(cfg, 2), cfg)
+    assert api.pick_weights_file(step).name == "ema_0.99.safetensors"
+    model, _, _ = api.load_run(tmp_path)
+    assert torch.equal(first_param(model), next(iter(weights(cfg, 2).values())))
