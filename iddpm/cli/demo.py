@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="respaced sampling steps for the grid (default 100)")
     parser.add_argument("--nll_examples", type=int, default=0,
                         help="test images for the NLL (default 0 = the whole test split, 360 images)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: this tiny model gains little from more, and on a shared CPU "
+                             "extra threads cost a lot)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
     add_config_flags(parser)
 
@@ -65,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     _fresh_run_dir(run_dir)
 
     import torch
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     from iddpm.api import build_diffusion
     from iddpm.data import load_dataset, make_loader
