@@ -221,8 +221,6 @@ class SuperResModel(UNetModel):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, low_res: torch.Tensor | None = None,
                 y: torch.Tensor | None = None) -> torch.Tensor:
-        if low_res is None:
-            raise ValueError("SuperResModel needs low_res=[N, C, h, w] (the low-resolution image to upsample)")
         return super().forward(self._concat_low_res(x, low_res), timesteps, y=y)
 
     def get_feature_vectors(self, x, timesteps, low_res=None, y=None):
@@ -230,6 +228,8 @@ class SuperResModel(UNetModel):
         return super().get_feature_vectors(self._concat_low_res(x, low_res), timesteps, y=y)
 
     @staticmethod
-    def _concat_low_res(x: torch.Tensor, low_res: torch.Tensor) -> torch.Tensor:
+    def _concat_low_res(x: torch.Tensor, low_res: torch.Tensor | None) -> torch.Tensor:
+        if low_res is None:
+            raise ValueError("SuperResModel needs low_res=[N, C, h, w] (the low-resolution image to upsample)")
         upsampled = F.interpolate(low_res, tuple(x.shape[2:]), mode="bilinear", align_corners=False)
         return torch.cat([x, upsampled.to(x.dtype)], dim=1)
