@@ -1,8 +1,12 @@
 """``iddpm demo``: train the ``digits`` preset on the bundled 8x8 digits for a few minutes on the CPU, then write
 a sample grid and print the test-split NLL in bits/dim.
 
-The model is unconditional (the preset's ``class_cond=False``).  Any training flag overrides the preset,
-e.g. ``iddpm demo --minutes 10 --class_cond True``.
+The model is unconditional (the preset's ``class_cond=False``).  On top of the preset the demo uses
+:data:`DEMO_OVERRIDES`, chosen for a few minutes of CPU training: a narrower U-Net (32 channels: ~3x the
+images/s of 64), a higher learning rate, an EMA rate whose average forgets the random initial weights
+within ~1000 steps (0.999 would still hold ~37% of them after 1000 steps), and T = 250 so that the exact
+NLL of the whole test split takes about a minute.  Any training flag overrides these, e.g.
+``iddpm demo --minutes 10 --class_cond True``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 from iddpm.cli.args import add_config_flags, resolve_run_config
 
 DEMO_RUN_DIR = "runs/demo"
+DEMO_OVERRIDES = dict(num_channels=32, lr=1e-3, ema_rate="0.995", diffusion_steps=250)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,12 +60,12 @@ def _fresh_run_dir(run_dir: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from iddpm.config import ConfigError, preset
+    from iddpm.config import ConfigError, apply_overrides, preset
 
     t_start = time.perf_counter()
     if args.minutes <= 0:
         raise ConfigError(f"--minutes {args.minutes}: must be > 0")
-    base = preset("digits")
+    base = apply_overrides(preset("digits"), DEMO_OVERRIDES, source="demo")
     base = base.replace(train=dataclasses.replace(base.train, run_dir=DEMO_RUN_DIR, max_minutes=args.minutes,
                                                   save_interval=0, log_interval=100, sample_every=0))
     cfg = resolve_run_config(args, base=base)

@@ -117,7 +117,7 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike | None = None, d
         if have != cfg.model.num_classes:
             raise ConfigError(f"--num_classes {cfg.model.num_classes}: the data has {have} classes; "
                               f"use --num_classes {have}")
-    loader = make_loader(dataset, local_batch, shuffle=True, seed=tc.seed, rank=dist.rank,
+    loader = make_loader(dataset, local_batch, shuffle=not cfg.data.deterministic, seed=tc.seed, rank=dist.rank,
                          world_size=dist.world_size, num_workers=cfg.data.num_workers, drop_last=True, infinite=True)
 
     seed_everything(tc.seed)  # same initial weights on every rank (and broadcast below)

@@ -303,7 +303,7 @@ class Trainer:
                 x, cond = next(it)
                 out = self.train_step(x, cond)
                 bar.update(self.step, out["loss"])
-                if self.step % tc.log_interval == 0:
+                if tc.log_interval > 0 and self.step % tc.log_interval == 0:
                     now = time.perf_counter()
                     metrics = self.meter.merge(self.dist.all_gather_object(self.meter.totals()))  # all ranks
                     metrics["samples"] = float(self.step * self.global_batch)
@@ -315,15 +315,15 @@ class Trainer:
                     self.save()
                 if tc.sample_every > 0 and self.step % tc.sample_every == 0:
                     self.sample_grid()
+            if self._last_saved_step != self.step:
+                self.save()
         finally:
             bar.close()
+            self.sinks.close()
             for sig, h in old_handlers.items():
                 signal.signal(sig, h)
-        if self._last_saved_step != self.step:
-            self.save()
         seconds = time.perf_counter() - t0
         ips = (self.step - start_step) * self.global_batch / seconds if seconds > 0 else 0.0
-        self.sinks.close()
         return TrainResult(self.step, reason, self.last_checkpoint, ips, seconds)
 
     # ------------------------------------------------------------------------------------------

@@ -142,3 +142,32 @@ def test_time_budget(tmp_path):
     run = tmp_path / "run"
     assert main(["train", *TINY, "--in_channels", "1", "--max_minutes", "0.001", "--run_dir", str(run)]) == 0
     assert list_checkpoints(run)
+
+
+def test_resume_from_the_originals_pt_files(tmp_path):
+    """``--resume_checkpoint modelNNNNNN.pt`` (improved-diffusion's naming) with its ema_/opt siblings."""
+    from iddpm.api import build_model
+    from iddpm.cli.args import resolve_run_config
+    from iddpm.cli.main import build_parser
+
+    argv = ["train", *TINY, "--in_channels", "1", "--ema_rate", "0.9", "--max_steps", "7"]
+    cfg = resolve_run_config(build_parser().parse_args(argv))
+    torch.manual_seed(3)
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save(model.state_dict(), old / "model000005.pt")
+    ema = {k: v + 1.0 for k, v in model.state_dict().items()}
+    torch.save(ema, old / "ema_0.9_000005.pt")
+    torch.save(opt.state_dict(), old / "opt000005.pt")
+    run = tmp_path / "run"
+    assert main([*argv, "--resume_checkpoint", str(old / "model000005.pt"), "--run_dir", str(run)]) == 0
+    ck = load_checkpoint(run)
+    assert ck.step == 7 and [r["step"] for r in _metrics(run)] == ["6", "7"]
+    assert int(ck.optimizer["state"][0]["step"]) == 3  # 1 step from the .pt + 2 here
+    # EMA continued from the sibling file (far from the weights, which were 1.0 lower)
+    k = "out.2.bias"
+    assert float((ck.emas[0.9][k] - ck.model[k]).abs().min()) > 0.5
