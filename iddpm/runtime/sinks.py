@@ -122,23 +122,29 @@ class MultiSink:
 class ProgressBar:
     """tqdm bar over optimizer steps showing step, img/s, ETA and loss (disabled off rank 0).
 
-    ``total`` may be None (no step limit): then the bar shows the rate only.
+    ``total`` may be None (no step limit): then there is no ETA, but with ``seconds_budget``
+    (``--max_minutes``) the time left is shown.
     """
 
-    def __init__(self, total: int | None, initial: int, images_per_step: int, enabled: bool = True) -> None:
+    def __init__(self, total: int | None, initial: int, images_per_step: int, enabled: bool = True,
+                 seconds_budget: float | None = None) -> None:
         from tqdm import tqdm
 
         self.images_per_step = images_per_step
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-                        file=sys.stderr, smoothing=0.05, desc="train")
+                        file=sys.stderr, smoothing=0.05, desc="train", mininterval=0.5 if sys.stderr.isatty() else 5.0)
         self._t0 = time.perf_counter()
         self._n0 = initial
+        self.seconds_budget = seconds_budget  # a time limit: the postfix shows the time left
 
     def update(self, step: int, loss: float | None = None) -> None:
         self.bar.update(step - self.bar.n)
         elapsed = time.perf_counter() - self._t0
         ips = (step - self._n0) * self.images_per_step / elapsed if elapsed > 0 else 0.0
         post = {"img/s": f"{ips:.1f}"}
+        if self.seconds_budget:
+            left = max(0.0, self.seconds_budget - elapsed)
+            post["left"] = f"{int(left // 60)}:{int(left % 60):02d}"
         if loss is not None and math.isfinite(loss):
             post["loss"] = f"{loss:.4f}"
         self.bar.set_postfix(post, refresh=False)

@@ -286,7 +286,8 @@ class Trainer:
         limit = self._step_limit()
         start_step = self.step
         old_handlers = self._install_signals()
-        bar = ProgressBar(limit, self.step, self.global_batch, enabled=self.dist.is_main and self.progress)
+        bar = ProgressBar(limit, self.step, self.global_batch, enabled=self.dist.is_main and self.progress,
+                          seconds_budget=60.0 * tc.max_minutes if tc.max_minutes > 0 else None)
         t0 = time.perf_counter()
         t_log, step_log = t0, self.step
         reason = "max_steps"

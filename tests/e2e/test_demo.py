@@ -15,9 +15,7 @@ FAST = ["--minutes", "0.02", "--num_res_blocks", "1", "--diffusion_steps", "20",
 
 def test_demo_tiny(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("OPENAI_LOGDIR", raising=False)
-    threads = torch.get_num_threads()
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # the demo's --threads must not leak
-    assert threads >= 1
     run = tmp_path / "demo"
     assert main(["demo", *FAST, "--run_dir", str(run)]) == 0
     out = capsys.readouterr().out
