@@ -88,7 +88,7 @@ SAMPLERS = (
 
 MODES = {
     # steps per model, samples per (sampler, steps), NLL test examples, sampling step counts, noise batches
-    "default": dict(steps=1200, num_samples=200, nll_examples=128, sample_steps="25,50,100,250,1000",
+    "default": dict(steps=1000, num_samples=200, nll_examples=128, sample_steps="25,50,100,250,1000",
                     noise_batches=16, batch_size=64, diffusion_steps=1000),
     "quick": dict(steps=200, num_samples=64, nll_examples=32, sample_steps="25,50,100,250",
                   noise_batches=8, batch_size=64, diffusion_steps=1000),
@@ -128,8 +128,23 @@ def noise_scale_from_grads(grads: torch.Tensor, batch_size: int) -> dict:
     tr_batch = float(((grads - mean) ** 2).sum(1).sum() / (k - 1))
     g2 = float(mean.pow(2).sum()) - tr_batch / k
     b_simple = batch_size * tr_batch / g2 if g2 > 0 else float("nan")
-    return {"b_simple": b_simple, "tr_sigma": batch_size * tr_batch, "g2": g2,
-            "mean_batch_grad_norm": float(grads.norm(dim=1).mean())}
+    g2_biased = float(mean.pow(2).sum())
+    return {"b_simple": b_simple, "b_simple_lower": batch_size * tr_batch / g2_biased if g2_biased > 0 else 0.0,
+            "tr_sigma": batch_size * tr_batch, "g2": g2, "mean_batch_grad_norm": float(grads.norm(dim=1).mean())}
+
+
+def median_noise_scale(probes, from_step: int = 0) -> tuple[float, str]:
+    """Median B_simple over probes at ``step >= from_step``; a probe whose |G|^2 estimate is not positive (noise
+    beyond what its batches resolve) counts as +inf.  Returns ``(value, text)``; text is ``"> L"`` (L = median of
+    the lower bounds ``B tr(Sigma_batch) / |G_mean|^2``) when the median is infinite, ``"n/a"`` with no probes."""
+    ps = [p for p in probes if p["step"] >= from_step]
+    if not ps:
+        return float("nan"), "n/a"
+    vals = [p["b_simple"] if math.isfinite(p["b_simple"]) else math.inf for p in ps]
+    med = float(np.median(vals))
+    if math.isfinite(med):
+        return med, f"{med:.0f}"
+    return med, f"> {float(np.median([p['b_simple_lower'] for p in ps])):.0f}"
 
 
 def paired_diff(a: np.ndarray, b: np.ndarray) -> dict:
@@ -362,9 +377,7 @@ def paper_checks(results: dict) -> list[dict]:
     nll_claim("importance sampling improves L_vlb's NLL over uniform t", "vlb_importance", "vlb_uniform")
 
     def noise(name, from_step=0):
-        ns = [p["b_simple"] for p in v.get(name, {}).get("noise_scale", [])
-              if math.isfinite(p["b_simple"]) and p["step"] >= from_step]
-        return float(np.median(ns)) if ns else float("nan")
+        return median_noise_scale(v.get(name, {}).get("noise_scale", []), from_step)
 
     active = v.get("vlb_importance", {}).get("importance_sampler_active_from_step")
     for a, b, claim in (("vlb_uniform", "hybrid_cosine", "L_vlb (uniform t) has noisier gradients than L_hybrid"),
@@ -375,13 +388,14 @@ def paper_checks(results: dict) -> list[dict]:
                                "(needs 10 losses of every t): identical to uniform; train longer", "verdict": "n/a"})
                 continue
             start = active if b == "vlb_importance" else 0  # noise-scale probes once the sampler is active
-            na, nb = noise(a, start), noise(b, start)
+            (na, ta), (nb, tb) = noise(a, start), noise(b, start)
             la, lb = v[a]["loss_second_half"]["cv"], v[b]["loss_second_half"]["cv"]
             ga, gb = v[a]["grad_norm_second_half"]["cv"], v[b]["grad_norm_second_half"]["cv"]
-            votes = [x > y for x, y in ((na, nb), (la, lb), (ga, gb)) if math.isfinite(x) and math.isfinite(y)]
+            votes = [x > y for x, y in ((na, nb), (la, lb), (ga, gb))
+                     if not (math.isnan(x) or math.isnan(y)) and not (math.isinf(x) and math.isinf(y))]
             verdict_txt = "n/a" if not votes else ("agrees" if all(votes) else
                                                    "disagrees" if not any(votes) else "mixed")
-            checks.append({"claim": claim, "measured": f"noise scale {_fmt(na, 0)} vs {_fmt(nb, 0)}; loss cv "
+            checks.append({"claim": claim, "measured": f"noise scale {ta} vs {tb}; loss cv "
                            f"{_fmt(la)} vs {_fmt(lb)}; grad-norm cv {_fmt(ga)} vs {_fmt(gb)}",
                            "verdict": verdict_txt})
 
@@ -438,7 +452,6 @@ def render_table(results: dict) -> str:
     ]
     for name, rec in v.items():
         n = nll.get(name, {})
-        ns = [p["b_simple"] for p in rec["noise_scale"] if math.isfinite(p["b_simple"])]
         err = f" (stopped: {rec['error'].split(';')[0]})" if rec.get("error") else ""
         if name == "vlb_importance":
             act = rec.get("importance_sampler_active_from_step")
@@ -446,7 +459,7 @@ def render_table(results: dict) -> str:
         lines.append(
             f"| {rec['label']}{err} | {_fmt(n.get('bpd'))} +- {_fmt(n.get('bpd_stderr'))} "
             f"| {_fmt(rec['loss_second_half']['cv'])} | {_fmt(rec['grad_norm_second_half']['cv'])} "
-            f"| {_fmt(float(np.median(ns)) if ns else float('nan'), 0)} | {rec['wall_s']:.0f} |")
+            f"| {median_noise_scale(rec['noise_scale'])[1]} | {rec['wall_s']:.0f} |")
         if name == "simple_cosine" and "simple_cosine_small" in nll:
             small = nll["simple_cosine_small"]
             lines.append(f"| L_simple, cosine, evaluated with sigma^2=beta~ | {_fmt(small['bpd'])} +- "
@@ -548,7 +561,8 @@ def write_plots(results: dict, out: Path, sample_grids: dict) -> list[str]:
             continue
         c = v[name]["curves"]
         axes[0].plot(c["step"], c["loss"], lw=0.6, color=color, label=v[name]["label"])
-        ns = [(p["step"], p["b_simple"]) for p in v[name]["noise_scale"]]
+        ns = [(p["step"], p["b_simple"] if math.isfinite(p["b_simple"]) else p["b_simple_lower"])
+              for p in v[name]["noise_scale"]]
         axes[1].plot([a for a, _ in ns], [b for _, b in ns], marker="o", color=color, label=v[name]["label"])
     axes[0].set_yscale("log")
     axes[0].set_xlabel("step")
@@ -556,7 +570,7 @@ def write_plots(results: dict, out: Path, sample_grids: dict) -> list[str]:
     axes[0].legend(fontsize=7)
     axes[1].set_yscale("log")
     axes[1].set_xlabel("step")
-    axes[1].set_ylabel("gradient noise scale B_simple")
+    axes[1].set_ylabel("gradient noise scale B_simple\n(lower bound where unresolved)")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "training_noise.png", dpi=110)
