@@ -8,7 +8,7 @@ that training and sampling use.
 
 from iddpm.models.builders import attention_downsample_rates, create_model, default_channel_mult, sr_create_model
 from iddpm.models.layers import timestep_embedding
-from iddpm.models.optimize import OptimizedUNet, optimize
+from iddpm.models.optimize import OptimizedUNet, optimize, tune_cpu_allocator
 from iddpm.models.unet import SuperResModel, UNetModel
 
 __all__ = [
@@ -20,5 +20,6 @@ __all__ = [
     "attention_downsample_rates",
     "optimize",
     "OptimizedUNet",
+    "tune_cpu_allocator",
     "timestep_embedding",
 ]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from iddpm.models.layers import avg_pool_nd, conv_nd, normalization, silu, zero_module
+from iddpm.models.layers import avg_pool_nd, conv_nd, dropout, normalization, silu, zero_module
 
 __all__ = ["TimestepBlock", "TimestepEmbedSequential", "ResBlock", "Downsample", "Upsample"]
 
@@ -87,6 +87,10 @@ class ResBlock(TimestepBlock):
     ``addcmul``, SiLU in place when autograd is off, dropout skipped when inactive).
     """
 
+    #: set by :func:`iddpm.models.optimize`: use :func:`iddpm.models.layers.dropout` (cheaper random draws on
+    #: CPU, same distribution) instead of ``nn.Dropout``.  Not a parameter: no effect on the state_dict.
+    fast: bool = False
+
     def __init__(
         self,
         channels: int,
@@ -150,7 +154,7 @@ class ResBlock(TimestepBlock):
             b = out_norm.bias.view(-1, *([1] * self.dims)).to(h.dtype)
             factor = w * (1 + scale)
             offset = torch.addcmul(shift, b, 1 + scale)
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() or torch.compiler.is_compiling():  # (dynamo rejects out=)
                 h = torch.addcmul(offset, hn, factor)
             else:  # hn is a temporary: write in place (no allocation)
                 h = torch.addcmul(offset, hn, factor, out=hn)
@@ -159,7 +163,7 @@ class ResBlock(TimestepBlock):
             h = out_norm(h.add_(emb_out))
         h = silu(h)
         if self.training and drop.p > 0:
-            h = drop(h)
+            h = dropout(h, drop.p) if self.fast else drop(h)
         h = out_conv(h)
         return h.add_(self.skip_connection(x))  # in place on the fresh conv output
 

@@ -22,6 +22,7 @@ __all__ = [
     "timestep_embedding",
     "silu",
     "channels_last_format",
+    "dropout",
 ]
 
 
@@ -111,3 +112,39 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     if dim % 2:
         embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
     return embedding
+
+
+class _MaskedScale(torch.autograd.Function):
+    """``x * mask * scale`` with a saved integer 0/1 mask; the backward is ``grad * mask * scale``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(mask)
+        ctx.scale = scale
+        return x.mul(mask).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (mask,) = ctx.saved_tensors
+        return grad.mul(mask).mul_(ctx.scale), None, None
+
+
+def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout, cheaper than ``F.dropout`` on CPU (same distribution, different random stream).
+
+    Each element is kept with probability ``1 - p`` (exact to 2**-31) and scaled by ``1 / (1 - p)``,
+    otherwise zeroed -- the distribution of ``nn.Dropout(p)`` in training mode.  On CPU the keep mask
+    comes from one 31-bit integer draw per element of the global generator (``torch.manual_seed``
+    makes it reproducible, and ``torch.utils.checkpoint`` replays it) compared with
+    ``round(p * 2**31)``; that is about half the cost of ``F.dropout``'s Bernoulli sampling.  Other
+    devices use ``F.dropout``.  The result keeps ``x``'s memory format.
+    """
+    if p <= 0:
+        return x
+    if p >= 1:
+        return x * 0.0
+    if x.device.type != "cpu":
+        return F.dropout(x, p, training=True)
+    mask = torch.empty_like(x, dtype=torch.int32).random_()  # uniform on [0, 2**31)
+    mask.ge_(int(round(p * 2**31)))  # 1 = keep, 0 = drop
+    return _MaskedScale.apply(x, mask, 1.0 / (1.0 - p))

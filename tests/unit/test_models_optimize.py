@@ -116,3 +116,62 @@ def test_compile_tiny_model_inductor():
     """The default inductor backend (C++ code generation on CPU: ~40 s cold, seconds once cached)."""
     _skip_without_compile(need_cxx=True)
     _check_compiled(None)
+
+
+def test_fast_dropout_distribution_scale_and_gradient():
+    from iddpm.models.layers import dropout
+
+    x = torch.rand(64, 32, 16, 16).add_(0.5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.manual_seed(1)
+    out = dropout(x, 0.1)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    kept = out != 0
+    # 524288 draws: the keep rate is 0.9 within 5 standard deviations (0.0021)
+    assert abs(kept.float().mean().item() - 0.9) < 0.0021
+    torch.testing.assert_close(out[kept], x[kept] / 0.9)
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g)
+    torch.testing.assert_close(gx, g * kept / 0.9)
+    torch.manual_seed(1)
+    assert torch.equal(dropout(x, 0.1), out)  # the global generator drives it
+    assert dropout(x, 0.0) is x
+    assert (dropout(x, 1.0) == 0).all()
+
+
+def test_optimize_sets_fast_dropout_only_on_the_optimized_model():
+    from iddpm.models.blocks import ResBlock
+
+    model = tiny(dropout=0.3).train()
+    other = tiny(dropout=0.3).train()
+    optimize(model, "train", compile=False)
+    assert all(m.fast for m in model.modules() if isinstance(m, ResBlock))
+    assert not any(m.fast for m in other.modules() if isinstance(m, ResBlock))
+    x, t, y = batch()
+    torch.manual_seed(0)
+    a = model(x, t, y=y)
+    torch.manual_seed(0)
+    b = model(x, t, y=y)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)  # seeded: reproducible
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y=y), other.eval()(x, t, y=y), atol=1e-5, rtol=1e-4)
+
+
+def test_fast_dropout_with_gradient_checkpointing_replays_the_mask():
+    x, t, y = batch()
+    grads = []
+    for ckpt in (False, True):
+        model = tiny(dropout=0.3, use_checkpoint=ckpt).train()
+        net = optimize(model, "train", compile=False)
+        torch.manual_seed(5)
+        net(x, t, y=y).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], atol=1e-5, rtol=1e-4, msg=n)
+
+
+def test_tune_cpu_allocator_is_idempotent():
+    from iddpm.models import tune_cpu_allocator
+
+    first = tune_cpu_allocator()
+    assert tune_cpu_allocator() == first
