@@ -319,9 +319,57 @@ def nll_of(run_dir: str, args, overrides: dict | None = None) -> dict:
 # ------------------------------------------------------------------------------------------------
 # stage 3: FID vs sampling steps
 # ------------------------------------------------------------------------------------------------
+def _fid_of_features(features: np.ndarray, ref_stats) -> float:
+    from iddpm.eval.metrics import feature_stats, frechet_distance
+
+    st = feature_stats(features)
+    try:
+        return frechet_distance(st.mu, st.sigma, ref_stats.mu, ref_stats.sigma)
+    except ValueError:  # ill-conditioned covariance (very few samples)
+        return float("nan")
+
+
+def paired_fid_diff(feat_a: np.ndarray, feat_b: np.ndarray, ref_stats, num_boot: int, seed: int) -> dict:
+    """FID(a) - FID(b) and its paired-bootstrap standard error: sample i of both sets comes from the same seeded
+    starting noise, so both are resampled with the same indices (``num_boot`` times, seeded)."""
+    d = _fid_of_features(feat_a, ref_stats) - _fid_of_features(feat_b, ref_stats)
+    rng = np.random.default_rng([int(seed), 0xD1FF])
+    n = min(len(feat_a), len(feat_b))
+    boots = []
+    for _ in range(num_boot):
+        idx = rng.integers(0, n, size=n)
+        boots.append(_fid_of_features(feat_a[idx], ref_stats) - _fid_of_features(feat_b[idx], ref_stats))
+    boots = [b for b in boots if math.isfinite(b)]
+    return {"diff": float(d), "stderr": float(np.std(boots, ddof=1)) if len(boots) > 1 else float("nan")}
+
+
+def fid_with_bootstrap(images: np.ndarray, extractor, ref_stats, num_boot: int, seed: int):
+    """``(fid, stderr, features)``: FID of uint8 NHWC ``images`` vs ``ref_stats``, its bootstrap standard error
+    (samples resampled with replacement ``num_boot`` times from a seeded generator; the reference is held fixed;
+    NaN when the covariance is too ill-conditioned) and the float64 [N, D] features."""
+    from iddpm.eval.evaluate import compute_stats
+    from iddpm.eval.metrics import feature_stats, frechet_distance
+
+    stats = compute_stats(images, extractor)
+    try:
+        fid = frechet_distance(stats.mu, stats.sigma, ref_stats.mu, ref_stats.sigma)
+    except ValueError:
+        return float("nan"), float("nan"), stats.features
+    rng = np.random.default_rng([int(seed), 0xF1D])
+    boots = []
+    for _ in range(num_boot):
+        idx = rng.integers(0, len(stats.features), size=len(stats.features))
+        b = feature_stats(stats.features[idx])
+        try:
+            boots.append(frechet_distance(b.mu, b.sigma, ref_stats.mu, ref_stats.sigma))
+        except ValueError:
+            continue
+    se = float(np.std(boots, ddof=1)) if len(boots) > 1 else float("nan")
+    return float(fid), se, stats.features
+
+
 def sample_and_fid(run_dir: str, overrides: dict, use_ddim: bool, steps: int, args, extractor, ref_stats) -> dict:
     from iddpm.api import build_diffusion, load_run
-    from iddpm.eval.evaluate import evaluate
     from iddpm.models import optimize
     from iddpm.sample import generate
 
@@ -335,12 +383,9 @@ def sample_and_fid(run_dir: str, overrides: dict, use_ddim: bool, steps: int, ar
                    image_shape=(m.in_channels, m.image_size, m.image_size), seed=args.seed, use_ddim=use_ddim,
                    progress=False)
     wall = time.perf_counter() - t0
-    try:
-        fid = float(evaluate(res.images, ref_stats, extractor=extractor, metrics=("fid",))["fid"])
-    except ValueError:  # ill-conditioned covariance with very few samples (smoke mode)
-        fid = float("nan")
-    return {"steps": steps, "respacing": respacing, "fid": fid, "wall_s": wall,
-            "sec_per_1000_samples": wall / args.num_samples * 1000.0, "images": res.images}
+    fid, fid_se, feats = fid_with_bootstrap(res.images, extractor, ref_stats, args.fid_bootstrap, args.seed)
+    return {"steps": steps, "respacing": respacing, "fid": fid, "fid_bootstrap_se": fid_se, "wall_s": wall,
+            "sec_per_1000_samples": wall / args.num_samples * 1000.0, "images": res.images, "features": feats}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -352,8 +397,12 @@ def _fmt(x, nd=3) -> str:
     return f"{x:.{nd}f}"
 
 
-def paper_checks(results: dict) -> list[dict]:
-    """Compare the miniature's numbers with the paper's qualitative findings; one dict per claim."""
+def paper_checks(results: dict, features: dict | None = None, ref_stats=None, num_boot: int = 50,
+                 seed: int = 0) -> list[dict]:
+    """Compare the miniature's numbers with the paper's qualitative findings; one dict per claim.
+
+    ``features``: ``{(sampler, steps): float64 [N, D]}`` sample features; with ``ref_stats`` the FID claims use a
+    paired bootstrap of FID(a) - FID(b); without them, the two FIDs' own standard errors combined."""
     v = results["variants"]
     nll = results["nll"]
     checks = []
@@ -399,21 +448,37 @@ def paper_checks(results: dict) -> list[dict]:
                            f"{_fmt(la)} vs {_fmt(lb)}; grad-norm cv {_fmt(ga)} vs {_fmt(gb)}",
                            "verdict": verdict_txt})
 
-    fid = {(r["sampler"], r["steps"]): r["fid"] for r in results["sampling"]}
+    fid_rows = {(r["sampler"], r["steps"]): r for r in results["sampling"]}
     steps = sorted({r["steps"] for r in results["sampling"]})
     few = [s for s in steps if s <= 100]
 
     def fid_claim(claim, better, worse, at):
-        pairs = [(fid.get((better, s)), fid.get((worse, s))) for s in at]
-        pairs = [(a, b) for a, b in pairs if a is not None and b is not None and math.isfinite(a) and
-                 math.isfinite(b)]
-        if not pairs:
+        rows = []
+        for k in at:
+            a, b = fid_rows.get((better, k)), fid_rows.get((worse, k))
+            if a is None or b is None or not (math.isfinite(a["fid"]) and math.isfinite(b["fid"])):
+                continue
+            if features and (better, k) in features and (worse, k) in features and ref_stats is not None:
+                pd = paired_fid_diff(features[(better, k)], features[(worse, k)], ref_stats, num_boot, seed + k)
+                se = pd["stderr"]
+            else:
+                se = math.hypot(a.get("fid_bootstrap_se", float("nan")), b.get("fid_bootstrap_se", float("nan")))
+            rows.append((k, a["fid"], b["fid"], a["fid"] - b["fid"], se))
+        if not rows:
             return
-        wins = sum(a < b for a, b in pairs)
-        txt = "; ".join(f"{s}: {_fmt(a, 1)} vs {_fmt(b, 1)}" for s, (a, b) in zip(at, pairs))
-        checks.append({"claim": claim, "measured": f"FID by steps {txt}",
-                       "verdict": "agrees" if wins == len(pairs) else "disagrees" if wins == 0 else
-                       f"mixed ({wins}/{len(pairs)})"})
+        wins = [k for k, _, _, d, se in rows if d < -2 * se]
+        losses = [k for k, _, _, d, se in rows if d > 2 * se]
+        ties = [k for k, *_ in rows if k not in wins and k not in losses]
+        if not wins and not losses:
+            verdict_txt = "within noise"
+        elif not losses:
+            verdict_txt = "agrees" + (f" (within noise at {', '.join(map(str, ties))} steps)" if ties else "")
+        elif not wins:
+            verdict_txt = "disagrees" + (f" (within noise at {', '.join(map(str, ties))} steps)" if ties else "")
+        else:
+            verdict_txt = f"mixed (agrees at {', '.join(map(str, wins))}; disagrees at {', '.join(map(str, losses))})"
+        txt = "; ".join(f"{k}: {a:.2f} vs {b:.2f} (diff {d:+.2f} +- {se:.2f})" for k, a, b, d, se in rows)
+        checks.append({"claim": claim, "measured": f"FID by steps {txt}", "verdict": verdict_txt})
 
     fid_claim("with few steps (<= 100) learned sigmas (L_hybrid) sample better than fixed sigma^2=beta",
               "hybrid_ancestral", "simple_large_ancestral", few)
@@ -476,7 +541,10 @@ def render_table(results: dict) -> str:
               f"FID: digits CNN features of {s['num_samples']} samples vs the digits train split "
               f"({results['fid_reference']['num']} images). "
               f"Data floor: {results['fid_reference']['floor_num_test_images']} "
-              f"held-out test digits vs the train split = {_fmt(results['fid_reference']['floor_fid'], 2)}.", "",
+              f"held-out test digits vs the train split = {_fmt(results['fid_reference']['floor_fid'], 2)}. "
+              f"+- = bootstrap standard error over the samples ({s['fid_bootstrap']} resamples; reference fixed). "
+              "Sample i of every sampler starts from the same seeded noise, so the claims below use a paired "
+              "bootstrap of the FID difference and call it real only beyond 2 standard errors.", "",
               "| sampler | " + " | ".join(f"{k} steps" for k in steps) + " |",
               "|---|" + "---|" * len(steps)]
     by = {}
@@ -484,8 +552,9 @@ def render_table(results: dict) -> str:
         by.setdefault(r["sampler"], {})[r["steps"]] = r
     labels = {k: lab for k, lab, *_ in SAMPLERS}
     for key, rows in by.items():
-        lines.append(f"| {labels.get(key, key)} | " + " | ".join(_fmt(rows[k]["fid"], 2) if k in rows else ""
-                                                                 for k in steps) + " |")
+        lines.append(f"| {labels.get(key, key)} | " + " | ".join(
+            f"{_fmt(rows[k]['fid'], 2)} +- {_fmt(rows[k].get('fid_bootstrap_se'), 2)}" if k in rows else ""
+            for k in steps) + " |")
     lines += ["", "| sampler (s / 1000 samples) | " + " | ".join(f"{k} steps" for k in steps) + " |",
               "|---|" + "---|" * len(steps)]
     for key, rows in by.items():
@@ -497,10 +566,12 @@ def render_table(results: dict) -> str:
     for c in results["checks"]:
         lines.append(f"| {c['claim']} | {c['measured']} | **{c['verdict']}** |")
     lines += ["", "Caveats: 8x8 grayscale digits, a ~0.75M-parameter U-Net and a few minutes of CPU training per "
-              "model are far from the paper's 32x32/64x64 images, 100M+ parameters and 500K+ steps at batch 128; "
-              "the paper's gaps (a few hundredths of a bit/dim between schedules) are smaller than what this budget "
-              "can resolve, and digit-FID on a few hundred samples is a coarse, biased metric (compare rows at equal "
-              "sample counts only). Timings were taken on a CPU shared with other jobs.", ""]
+              "model are far from the paper's 32x32/64x64 images, 100M+ parameters and 500K+ steps at batch 128: "
+              "the models here are far from converged (L_vlb, the slowest objective to optimise, suffers most), "
+              "and digit-FID on a few hundred samples is a coarse, biased metric that saturates near its data floor "
+              "(compare rows at equal sample counts only). Seconds per 1000 samples scale with the number of "
+              "network evaluations (one per step for every sampler) and were measured on a CPU shared with other "
+              "jobs.", ""]
     wall = results["wall_seconds"]
     lines += ["Wall time per stage (s): " + ", ".join(f"{k} {val:.0f}" for k, val in wall.items()), ""]
     return "\n".join(lines)
@@ -540,7 +611,9 @@ def write_plots(results: dict, out: Path, sample_grids: dict) -> list[str]:
     lab = {k: label for k, label, *_ in SAMPLERS}
     for key in dict.fromkeys(r["sampler"] for r in results["sampling"]):
         rows = sorted((r for r in results["sampling"] if r["sampler"] == key), key=lambda r: r["steps"])
-        ax.plot([r["steps"] for r in rows], [r["fid"] for r in rows], marker="o", label=lab.get(key, key))
+        ax.errorbar([r["steps"] for r in rows], [r["fid"] for r in rows],
+                    yerr=[r.get("fid_bootstrap_se", 0.0) for r in rows], marker="o", capsize=3,
+                    label=lab.get(key, key))
     floor = results["fid_reference"]["floor_fid"]
     if math.isfinite(floor):
         ax.axhline(floor, color="gray", ls="--", lw=1, label="held-out digits (floor)")
@@ -632,6 +705,7 @@ def parse_args(argv=None):
     p.add_argument("--nll_examples", type=int, default=None, help="test digits for the NLL (max 360)")
     p.add_argument("--sample_steps", default=None, help="comma-separated sampling step counts")
     p.add_argument("--noise_batches", type=int, default=None, help="mini-batches per gradient-noise probe")
+    p.add_argument("--fid_bootstrap", type=int, default=50, help="bootstrap resamples for the FID standard error")
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--diffusion_steps", type=int, default=None)
     p.add_argument("--num_channels", type=int, default=32)
@@ -680,7 +754,8 @@ def main(argv=None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "settings": {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "ema_rate", "num_channels",
                                                    "num_res_blocks", "diffusion_steps", "nll_examples",
-                                                   "num_samples", "sample_step_list", "noise_batches", "seed")},
+                                                   "num_samples", "sample_step_list", "noise_batches", "fid_bootstrap",
+                                                   "seed")},
         "seeds": {"train": args.seed, "nll_noise": args.seed, "sampling": args.seed,
                   "noise_probe_data": args.seed + 1000},
         "variants": {}, "nll": {}, "sampling": [], "wall_seconds": {},
@@ -727,7 +802,7 @@ def main(argv=None) -> int:
                                     "floor_fid": frechet_distance(floor.mu, floor.sigma, ref_stats.mu,
                                                                   ref_stats.sigma),
                                     "floor_num_test_images": floor_n}
-        grids = {}
+        grids, features = {}, {}
         for key, _label, variant_name, overrides, use_ddim in SAMPLERS:
             rec = results["variants"].get(variant_name)
             if rec is None or rec["error"]:
@@ -735,13 +810,15 @@ def main(argv=None) -> int:
             for k in args.sample_step_list:
                 r = sample_and_fid(rec["run_dir"], overrides, use_ddim, k, args, extractor, ref_stats)
                 images = r.pop("images")
+                features[(key, k)] = r.pop("features")
                 if k in (min(args.sample_step_list), max(args.sample_step_list)):
                     grids[f"{key} {k}"] = images
                 results["sampling"].append(dict(sampler=key, model=variant_name, **r))
-                log(f"[sample] {key} {k} steps: FID {r['fid']:.2f}, {r['sec_per_1000_samples']:.1f} s/1000")
+                log(f"[sample] {key} {k} steps: FID {r['fid']:.3f} +- {r['fid_bootstrap_se']:.3f}, "
+                    f"{r['sec_per_1000_samples']:.1f} s/1000")
         results["wall_seconds"]["sampling"] = time.perf_counter() - t0
         results["wall_seconds"]["total"] = time.perf_counter() - t_start
-        results["checks"] = paper_checks(results)
+        results["checks"] = paper_checks(results, features, ref_stats, args.fid_bootstrap, args.seed)
         order = sorted(grids, key=lambda s: (s.split()[0], int(s.split()[1])))
         write_outputs(results, out, {k: grids[k] for k in order})
     finally:
