@@ -68,7 +68,8 @@ def test_smoke_writes_well_formed_outputs(smoke_run):
     grid = {(r["sampler"], r["steps"]) for r in res["sampling"]}
     assert grid == {(s[0], k) for s in ablations.SAMPLERS for k in res["settings"]["sample_step_list"]}
     for r in res["sampling"]:
-        assert r["sec_per_1000_samples"] > 0
+        assert r["sec_per_1000_samples"] > 0 and "fid_bootstrap_se" in r
+        assert "features" not in r and "images" not in r
         assert r["respacing"] == (f"ddim{r['steps']}" if r["sampler"] == "simple_ddim" else str(r["steps"]))
     assert all({"claim", "measured", "verdict"} <= set(c) for c in res["checks"]) and res["checks"]
 
@@ -97,7 +98,18 @@ def test_helpers_known_answers():
     assert ablations.verdict(0.5, 0.1, expect_negative=True) == "disagrees"
     assert ablations.verdict(0.1, 0.1, expect_negative=True) == "within noise"
     assert ablations.auto_ema_rate(1000) == "0.9950" and ablations.auto_ema_rate(10) == "0.9000"
+    import numpy as np
     import torch
+
+    from iddpm.eval.metrics import feature_stats
+
+    rng = np.random.default_rng(0)
+    ref = feature_stats(rng.standard_normal((200, 4)))
+    feats = rng.standard_normal((50, 4)) + 0.5
+    same = ablations.paired_fid_diff(feats, feats, ref, num_boot=10, seed=0)
+    assert same["diff"] == 0.0 and same["stderr"] == 0.0
+    shifted = ablations.paired_fid_diff(feats + 3.0, feats, ref, num_boot=10, seed=0)
+    assert shifted["diff"] > 4 * shifted["stderr"] > 0
 
     # identical batch gradients -> no noise
     g = torch.tensor([[3.0, 4.0]] * 4, dtype=torch.float64)
