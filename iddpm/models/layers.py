@@ -8,6 +8,7 @@ channels_last input stays channels_last end to end.
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -138,15 +139,15 @@ def dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     in place with ``round(p * 2**31)``; the 0/1 integers are then multiplied in place by the bit
     pattern of the float32 scale, so the same buffer read as float32 is the scaled mask (0.0 or
     ``1 / (1 - p)``).  Forward + backward cost about half of ``F.dropout``'s.  Other dtypes and
-    devices use ``F.dropout``.  The result keeps ``x``'s memory format.
+    devices, and code traced by ``torch.compile``, use ``F.dropout``.  The result keeps ``x``'s memory format.
     """
     if p <= 0:
         return x
     if p >= 1:
         return x * 0.0
-    if x.device.type != "cpu" or x.dtype != torch.float32:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or torch.compiler.is_compiling():
         return F.dropout(x, p, training=True)
-    scale_bits = int(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32).view(torch.int32))
+    scale_bits = struct.unpack("<i", struct.pack("<f", 1.0 / (1.0 - p)))[0]
     mask = torch.empty_like(x, dtype=torch.int32).random_()  # uniform on [0, 2**31)
     mask.ge_(int(round(p * 2**31))).mul_(scale_bits)  # 0 (drop) or the bits of float32(1 / (1 - p)) (keep)
     return _MulByMask.apply(x, mask.view(torch.float32))

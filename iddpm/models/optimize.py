@@ -10,7 +10,7 @@ values as ``model`` (within float32 round-off), but internally
   distribution as ``nn.Dropout``, different random stream; the blocks' ``fast`` flag, set in place);
 * on CPU under glibc, stops ``malloc`` from returning large blocks to the OS (:func:`tune_cpu_allocator`):
   otherwise every activation of 32 MiB or more is a fresh ``mmap`` whose pages the kernel faults in and
-  zeroes on every forward pass (about 5% of a batch-64 sampling step on a 2-core machine);
+  zeroes on every forward pass (4-8% of the CPU time of a batch-64 cifar-small sampling step);
 * optionally runs under ``torch.compile`` (``compile=None``: only on CUDA; ``True`` / ``False`` force it).
 
 The wrapper shares its parameters with ``model`` (optimizers/EMA may use either); its

@@ -175,3 +175,14 @@ def test_tune_cpu_allocator_is_idempotent():
 
     first = tune_cpu_allocator()
     assert tune_cpu_allocator() == first
+
+
+def test_compile_traces_training_forward_with_dropout_in_one_graph():
+    """Training mode (dropout on, autograd on) has no graph break either (fullgraph=True would raise)."""
+    _skip_without_compile(need_cxx=False)
+    model = tiny(dropout=0.1).train()
+    fast = optimize(model, "train", compile=True, compile_kwargs={"backend": "aot_eager", "fullgraph": True})
+    x, t, y = batch()
+    out = fast(x, t, y=y)
+    out.square().mean().backward()
+    assert model.input_blocks[0][0].weight.grad is not None
