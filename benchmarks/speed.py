@@ -255,7 +255,12 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"{r['min']:.1f}-{r['max']:.1f} | {r['unit']} | {r['fwd_gflop_per_img']:.3f} | "
             f"{r['achieved_gflops']:.1f} | {100 * r['achieved_gflops'] / peak:.1f}% | {r['first_call_s']:.1f} |")
     lines += ["", "Training = training_losses (forward inside) + backward + AdamW step; sampling = one p_sample step "
-              "(forward + update). GFLOP/s = FlopCounterMode FLOPs of the step / median step time."]
+              "(forward + update). GFLOP/s = FlopCounterMode FLOPs of the step / median step time. "
+              "eager = plain fp32 NCHW model; fast = iddpm.models.optimize() (the default of iddpm train/sample); "
+              "compile = optimize(compile=True) (first call = compilation, not timed); bf16 = fast under CPU bf16 "
+              "autocast (not fp32 numerics); fast+fusedadam = fast with AdamW(fused=True). The allocator setting "
+              "of optimize() is process-wide, so once any optimized variant is built the eager one benefits "
+              "from it too."]
     return "\n".join(lines)
 
 
