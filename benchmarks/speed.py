@@ -190,6 +190,8 @@ def bench_preset(name: str, variants: list[str], reps: int, warmup: int, train_b
         t = t_train if mode == "train" else t_sample
         model.train(mode == "train")
         flops_fwd, flops_step = step_flops(model, diffusion, x, kw, t, mode)
+        if hasattr(torch, "_dynamo"):
+            torch._dynamo.reset()  # compiled code of earlier presets/modes must not count towards recompile limits
         built: list[Variant] = []
         for vn in variants:
             if vn == "fast+fusedadam" and mode != "train":

@@ -53,7 +53,10 @@ class OptimizedUNet(nn.Module):
         self.model = model
         self.mode = mode
         self.compiled = compiled
-        runner = torch.compile(model, **(compile_kwargs or {})) if compiled else model
+        # Static shapes by default: a run uses one or two batch shapes, and dynamic-shape kernels for
+        # channels_last convolutions are slower (and have failed to lower in inductor on CPU).
+        kwargs = {"dynamic": False, **(compile_kwargs or {})}
+        runner = torch.compile(model, **kwargs) if compiled else model
         # Kept outside the module registry so state_dict / parameters are not duplicated.
         object.__setattr__(self, "_runner", runner)
 
