@@ -56,10 +56,10 @@ VARIANTS = ("eager", "fast", "compile", "bf16", "fast+fusedadam")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "speed"
 
 
-def measure_matmul_peak(n: int = 2048, reps: int = 7) -> float:
-    """Best fp32 ``torch.mm`` throughput in GFLOP/s over ``reps`` runs of an n^3 product."""
-    a = torch.randn(n, n)
-    b = torch.randn(n, n)
+def measure_matmul_peak(n: int = 2048, reps: int = 7, dtype: torch.dtype = torch.float32) -> float:
+    """Best ``torch.mm`` throughput in GFLOP/s over ``reps`` runs of an n^3 product in ``dtype``."""
+    a = torch.randn(n, n).to(dtype)
+    b = torch.randn(n, n).to(dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(reps):
@@ -236,6 +236,13 @@ def bench_preset(name: str, variants: list[str], reps: int, warmup: int, train_b
     return rows
 
 
+def mfu_text(row: dict, peak: float, peak_bf16: float) -> str:
+    text = f"{100 * row['achieved_gflops'] / peak:.1f}%"
+    if row["variant"] == "bf16":
+        text += f" of fp32, {100 * row['achieved_gflops'] / peak_bf16:.1f}% of bf16"
+    return text
+
+
 def markdown(meta: dict, rows: list[dict]) -> str:
     peak = meta["peak_gflops"]
     la0, la1 = meta["loadavg_start"], meta["loadavg_end"]
@@ -245,7 +252,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         f"Load average (1/5/15 min) at start {la0}, at end {la1}.",
         f"fp32 matmul peak in this run (2048^3 torch.mm, {meta['threads']} threads): start "
         f"{meta['peak_gflops_start']:.0f}, end {meta['peak_gflops_end']:.0f} GFLOP/s; MFU below uses "
-        f"{peak:.0f}.",
+        f"{peak:.0f}. bf16 matmul peak (end of run): {meta['peak_gflops_bf16']:.0f} GFLOP/s "
+        "(the bf16 rows' MFU is given against both).",
         f"Command: `{meta['command']}`",
         "",
         "| preset | mode | variant | batch | median | min-max | unit | GFLOP/img fwd | GFLOP/s | MFU | first call s |",
@@ -255,7 +263,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         lines.append(
             f"| {r['preset']} | {r['mode']} | {r['variant']} | {r['batch']} | {r['median']:.1f} | "
             f"{r['min']:.1f}-{r['max']:.1f} | {r['unit']} | {r['fwd_gflop_per_img']:.3f} | "
-            f"{r['achieved_gflops']:.1f} | {100 * r['achieved_gflops'] / peak:.1f}% | {r['first_call_s']:.1f} |")
+            f"{r['achieved_gflops']:.1f} | {mfu_text(r, peak, meta['peak_gflops_bf16'])} | {r['first_call_s']:.1f} |")
     lines += ["", "Training = training_losses (forward inside) + backward + AdamW step; sampling = one p_sample step "
               "(forward + update). GFLOP/s = FlopCounterMode FLOPs of the step / median step time. "
               "eager = plain fp32 NCHW model; fast = iddpm.models.optimize() (the default of iddpm train/sample); "
@@ -295,8 +303,11 @@ def main(argv=None) -> int:
     meta["peak_gflops_end"] = measure_matmul_peak()
     meta["loadavg_end"] = load_average()
     meta["peak_gflops"] = max(meta["peak_gflops_start"], meta["peak_gflops_end"])
+    meta["peak_gflops_bf16"] = measure_matmul_peak(dtype=torch.bfloat16)
     for r in rows:
         r["mfu"] = r["achieved_gflops"] / meta["peak_gflops"]
+        if r["variant"] == "bf16":
+            r["mfu_bf16"] = r["achieved_gflops"] / meta["peak_gflops_bf16"]
     table = markdown(meta, rows)
     print()
     print(table)
