@@ -444,7 +444,8 @@ def paper_checks(results: dict, features: dict | None = None, ref_stats=None, nu
                      if not (math.isnan(x) or math.isnan(y)) and not (math.isinf(x) and math.isinf(y))]
             verdict_txt = "n/a" if not votes else ("agrees" if all(votes) else
                                                    "disagrees" if not any(votes) else "mixed")
-            checks.append({"claim": claim, "measured": f"noise scale {ta} vs {tb}; loss cv "
+            probes = f" (median of probes from step {start}, once the sampler is active)" if start else ""
+            checks.append({"claim": claim, "measured": f"noise scale {ta} vs {tb}{probes}; loss cv "
                            f"{_fmt(la)} vs {_fmt(lb)}; grad-norm cv {_fmt(ga)} vs {_fmt(gb)}",
                            "verdict": verdict_txt})
 
