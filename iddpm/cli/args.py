@@ -38,16 +38,20 @@ def str2bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, sections=tuple(SECTIONS), skip=()) -> None:
-    """Add one ``--name`` flag per field of the given config sections (default: not given)."""
+def add_config_flags(parser: argparse.ArgumentParser, sections=tuple(SECTIONS), skip=(), shown=None) -> None:
+    """Add one ``--name`` flag per field of the given config sections (default: not given).
+
+    ``shown``: a :class:`RunConfig` whose values the help shows as defaults (e.g. the demo's preset);
+    without it the help shows the dataclass defaults."""
     for sec in sections:
         group = parser.add_argument_group(f"{sec} settings")
         for f in fields(SECTIONS[sec]):
             if f.name in skip:
                 continue
             default = f.default if f.default is not MISSING else None
+            shown_value = getattr(getattr(shown, sec), f.name) if shown is not None else default
             names = [f"--{f.name}"] + [f"--{a}" for a, t in ALIASES.items() if t == f.name]
-            kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f"(default: {default!r})")
+            kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f"(default: {shown_value!r})")
             if isinstance(default, bool):
                 kw.update(type=str2bool, nargs="?", const=True, metavar="BOOL")
             elif isinstance(default, int):

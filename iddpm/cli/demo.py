@@ -35,7 +35,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads (default 1: this tiny model gains little from more, and on a shared CPU "
                              "extra threads cost a lot)")
     parser.add_argument("--no_progress", action="store_true", help="no progress bars")
-    add_config_flags(parser)
+    add_config_flags(parser, shown=demo_base_config())
+
+
+def demo_base_config():
+    """The digits preset with :data:`DEMO_OVERRIDES` and the demo's run settings (before command-line flags)."""
+    import dataclasses
+
+    from iddpm.config import apply_overrides, preset
+
+    base = apply_overrides(preset("digits"), DEMO_OVERRIDES, source="demo")
+    return base.replace(train=dataclasses.replace(base.train, run_dir=DEMO_RUN_DIR, save_interval=0,
+                                                  log_interval=100, sample_every=0))
 
 
 def _fresh_run_dir(run_dir: Path) -> None:
@@ -60,14 +71,13 @@ def _fresh_run_dir(run_dir: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from iddpm.config import ConfigError, apply_overrides, preset
+    from iddpm.config import ConfigError
 
     t_start = time.perf_counter()
     if args.minutes <= 0:
         raise ConfigError(f"--minutes {args.minutes}: must be > 0")
-    base = apply_overrides(preset("digits"), DEMO_OVERRIDES, source="demo")
-    base = base.replace(train=dataclasses.replace(base.train, run_dir=DEMO_RUN_DIR, max_minutes=args.minutes,
-                                                  save_interval=0, log_interval=100, sample_every=0))
+    base = demo_base_config()
+    base = base.replace(train=dataclasses.replace(base.train, max_minutes=args.minutes))
     cfg = resolve_run_config(args, base=base)
     run_dir = Path(cfg.train.run_dir)
     _fresh_run_dir(run_dir)
