@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from helpers import random_weights
 
 from iddpm import api
 from iddpm.checkpoints.model_file import save_model_file
@@ -17,15 +17,6 @@ from iddpm.config import RunConfig, apply_overrides
 TINY = dict(image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2",
             attention_resolutions="4", learn_sigma=True, diffusion_steps=20, noise_schedule="cosine")
 
-
-def random_weights(cfg, seed: int = 0) -> dict:
-    """A tiny model's state_dict whose zero-initialised layers (output convs) are filled with small random
-    values, so that outputs depend on the inputs (x, t, y, low_res)."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    sd = api.build_model(cfg).state_dict()
-    return {k: torch.randn(v.shape, generator=g) * 0.1 if v.is_floating_point() and not v.any() else v
-            for k, v in sd.items()}
 
 
 @pytest.fixture(scope="module")

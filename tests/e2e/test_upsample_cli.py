@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-import torch
+from helpers import assert_same_images, random_weights
 
 from iddpm import api
 from iddpm.checkpoints.model_file import save_model_file
@@ -18,20 +18,6 @@ SR = dict(image_size=8, small_size=4, in_channels=3, num_channels=32, num_res_bl
           attention_resolutions="4", learn_sigma=True, diffusion_steps=20, noise_schedule="cosine")
 
 
-def assert_same_images(a, b):
-    """Equal up to the network's float32 round-off across batch shapes (~1e-6): at most +-1 on < 1% of values."""
-    d = np.abs(a.astype(np.int64) - b.astype(np.int64))
-    assert d.max() <= 1 and (d > 0).mean() < 0.01, (d.max(), (d > 0).mean())
-
-
-def random_weights(cfg, seed: int = 0) -> dict:
-    """A tiny model's state_dict whose zero-initialised layers (output convs) are filled with small random
-    values, so that outputs depend on the inputs (x, t, y, low_res)."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    sd = api.build_model(cfg).state_dict()
-    return {k: torch.randn(v.shape, generator=g) * 0.1 if v.is_floating_point() and not v.any() else v
-            for k, v in sd.items()}
 
 
 def make_sr(path, **kw):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_images
 
 from iddpm import api
 from iddpm.checkpoints.model_file import save_model_file
@@ -13,11 +14,6 @@ from iddpm.config import ConfigError, RunConfig, apply_overrides
 TINY = dict(image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2",
             attention_resolutions="4", learn_sigma=True, diffusion_steps=20, noise_schedule="cosine")
 
-
-def assert_same_images(a, b):
-    """Equal up to the network's float32 round-off across batch shapes (~1e-6): at most +-1 on < 1% of values."""
-    d = np.abs(a.astype(np.int64) - b.astype(np.int64))
-    assert d.max() <= 1 and (d > 0).mean() < 0.01, (d.max(), (d > 0).mean())
 
 
 def tiny_cfg(**kw) -> RunConfig:

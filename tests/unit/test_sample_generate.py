@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_images
 
 from iddpm.config import ConfigError
 from iddpm.diffusion import create_gaussian_diffusion
@@ -19,11 +20,6 @@ from iddpm.sample import (
 
 SHAPE = (3, 4, 4)
 
-
-def assert_same_images(a, b):
-    """Equal up to the network's float32 round-off across batch shapes (~1e-6): at most +-1 on < 1% of values."""
-    d = np.abs(a.astype(np.int64) - b.astype(np.int64))
-    assert d.max() <= 1 and (d > 0).mean() < 0.01, (d.max(), (d > 0).mean())
 
 
 def toy_model(x, t, y=None, low_res=None):
