@@ -28,7 +28,7 @@ import torch
 from iddpm.checkpoints.atomic import atomic_write_bytes, atomic_write_text
 from iddpm.sample.noise import PerSampleNoise
 
-__all__ = ["NLLResult", "compute_nll", "save_nll"]
+__all__ = ["NLLResult", "NLLShare", "compute_nll", "compute_nll_share", "merge_nll_shares", "save_nll"]
 
 
 @dataclass
@@ -90,7 +90,126 @@ def _batches(data: Iterable) -> Iterable:
         yield x, (cond or {})
 
 
+@dataclass
+class NLLShare:
+    """One process's part of an NLL evaluation (see :func:`compute_nll_share`); :func:`merge_nll_shares` joins
+    the parts of all processes.
+
+    indices: int64 (n,) data-order index of each evaluated example; per_example_bpd: float64 (n,).
+    prior_sum: sum of the prior terms; vb_sum / xstart_mse_sum / mse_sum: float64 (T,) sums over the examples
+    of the per-step terms, ascending t.
+    """
+
+    indices: np.ndarray
+    per_example_bpd: np.ndarray
+    prior_sum: float
+    vb_sum: np.ndarray
+    xstart_mse_sum: np.ndarray
+    mse_sum: np.ndarray
+
+
 @torch.no_grad()
+def compute_nll_share(
+    model: Callable,
+    diffusion,
+    data: Iterable,
+    *,
+    clip_denoised: bool = True,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    seed: int = 0,
+    max_batches: int | None = None,
+    max_examples: int | None = None,
+    use_labels: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+) -> NLLShare:
+    """``calc_bpd_loop`` terms of this process's share of ``data``: batch b goes to rank ``b % world_size``
+    (every rank reads the same data in the same order, e.g. under ``torchrun``).  Arguments as :func:`compute_nll`.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    T = diffusion.num_timesteps
+    totals, indices = [], []
+    prior_sum = 0.0
+    sums = {k: torch.zeros(T, dtype=torch.float64) for k in ("vb", "xstart_mse", "mse")}
+    seen = 0
+    total_hint = max_examples
+    if total_hint is None and hasattr(data, "dataset"):
+        try:
+            total_hint = len(data.dataset)
+        except TypeError:
+            total_hint = None
+    bar = tqdm(total=None if total_hint is None else -(-total_hint * T // world_size), disable=not progress,
+               desc="nll", unit="step", unit_scale=True, leave=False)
+    try:
+        for b, (x, cond) in enumerate(_batches(data)):
+            if max_batches is not None and b >= max_batches:
+                break
+            if max_examples is not None:
+                if seen >= max_examples:
+                    break
+                x = x[: max_examples - seen]
+                cond = {k: v[: max_examples - seen] for k, v in cond.items()}
+            n = x.shape[0]
+            if b % world_size != rank:  # another process's batch
+                seen += n
+                continue
+            x = torch.as_tensor(x, dtype=torch.float32).to(device)
+            kwargs = {k: torch.as_tensor(v).to(device) for k, v in cond.items() if use_labels or k != "y"}
+            streams = PerSampleNoise(seed, range(seen, seen + n), x.shape[1:], device)
+
+            def step_noise(streams=streams, n=n):
+                for _ in range(T):
+                    bar.update(n)
+                    yield streams.draw()
+
+            out = diffusion.calc_bpd_loop(model, x, clip_denoised=clip_denoised, model_kwargs=kwargs,
+                                          step_noise=step_noise())
+            totals.append(out["total_bpd"].double().cpu())
+            indices.append(torch.arange(seen, seen + n))
+            prior_sum += float(out["prior_bpd"].double().sum())
+            for k in sums:  # loop order (column k is t = T-1-k) -> ascending t
+                sums[k] += out[k].double().cpu().flip(1).sum(0)
+            seen += n
+    finally:
+        bar.close()
+    return NLLShare(
+        indices=torch.cat(indices).numpy().astype(np.int64) if indices else np.zeros(0, np.int64),
+        per_example_bpd=torch.cat(totals).numpy() if totals else np.zeros(0),
+        prior_sum=prior_sum,
+        vb_sum=sums["vb"].numpy(),
+        xstart_mse_sum=sums["xstart_mse"].numpy(),
+        mse_sum=sums["mse"].numpy(),
+    )
+
+
+def merge_nll_shares(shares: Iterable[NLLShare], diffusion) -> NLLResult:
+    """One :class:`NLLResult` from the shares of all processes (per-example values in data order)."""
+    shares = [sh for sh in shares if sh is not None]
+    idx = np.concatenate([sh.indices for sh in shares])
+    if not idx.size:
+        from iddpm.config import ConfigError
+
+        raise ConfigError("nll: the dataset gave no examples (check --data_dir / --num_examples)")
+    per_example = np.concatenate([sh.per_example_bpd for sh in shares])[np.argsort(idx, kind="stable")]
+    n = idx.size
+    T = diffusion.num_timesteps
+    tmap = getattr(diffusion, "timestep_map", None)
+    tmap = np.arange(T, dtype=np.int64) if tmap is None else np.asarray(torch.as_tensor(tmap).cpu(), dtype=np.int64)
+    return NLLResult(
+        bpd=float(per_example.mean()),
+        prior_bpd=sum(sh.prior_sum for sh in shares) / n,
+        vb_per_t=sum(sh.vb_sum for sh in shares) / n,
+        xstart_mse_per_t=sum(sh.xstart_mse_sum for sh in shares) / n,
+        mse_per_t=sum(sh.mse_sum for sh in shares) / n,
+        num_examples=n,
+        per_example_bpd=per_example,
+        timestep_map=tmap,
+    )
+
+
 def compute_nll(
     model: Callable,
     diffusion,
@@ -104,74 +223,17 @@ def compute_nll(
     max_examples: int | None = None,
     use_labels: bool = True,
 ) -> NLLResult:
-    """Average ``calc_bpd_loop`` terms over ``data``.
+    """Average ``calc_bpd_loop`` terms over ``data`` (one process; see :func:`compute_nll_share` for several).
 
     data: iterable of ``(x float [N,C,H,W] in [-1,1], cond dict)`` (e.g. :func:`iddpm.data.make_loader`);
         ``cond["y"]`` is passed to the model as ``y`` when ``use_labels`` (pass ``cfg.model.class_cond``).
     max_batches / max_examples: stop early (the last batch is truncated to ``max_examples``).
     seed: example i's noise stream is seeded by (seed, i) (i counts examples in data order).
     """
-    from tqdm.auto import tqdm
-
-    device = torch.device(device)
-    T = diffusion.num_timesteps
-    totals, priors, vbs, xmses, mses = [], [], [], [], []
-    seen = 0
-    total_hint = max_examples
-    if total_hint is None and hasattr(data, "dataset"):
-        try:
-            total_hint = len(data.dataset)
-        except TypeError:
-            total_hint = None
-    bar = tqdm(total=None if total_hint is None else total_hint * T, disable=not progress, desc="nll",
-               unit="step", unit_scale=True, leave=False)
-    try:
-        for b, (x, cond) in enumerate(_batches(data)):
-            if max_batches is not None and b >= max_batches:
-                break
-            if max_examples is not None:
-                if seen >= max_examples:
-                    break
-                x = x[: max_examples - seen]
-                cond = {k: v[: max_examples - seen] for k, v in cond.items()}
-            x = torch.as_tensor(x, dtype=torch.float32).to(device)
-            n = x.shape[0]
-            kwargs = {k: torch.as_tensor(v).to(device) for k, v in cond.items() if use_labels or k != "y"}
-            streams = PerSampleNoise(seed, range(seen, seen + n), x.shape[1:], device)
-
-            def step_noise(streams=streams, n=n):
-                for _ in range(T):
-                    bar.update(n)
-                    yield streams.draw()
-
-            out = diffusion.calc_bpd_loop(model, x, clip_denoised=clip_denoised, model_kwargs=kwargs,
-                                          step_noise=step_noise())
-            totals.append(out["total_bpd"].double().cpu())
-            priors.append(out["prior_bpd"].double().cpu())
-            # loop order (column k is t = T-1-k) -> ascending t
-            vbs.append(out["vb"].double().cpu().flip(1))
-            xmses.append(out["xstart_mse"].double().cpu().flip(1))
-            mses.append(out["mse"].double().cpu().flip(1))
-            seen += n
-    finally:
-        bar.close()
-    if not seen:
-        from iddpm.config import ConfigError
-
-        raise ConfigError("nll: the dataset gave no examples (check --data_dir / --num_examples)")
-    per_example = torch.cat(totals).numpy()
-    tmap = getattr(diffusion, "timestep_map", None)
-    tmap = np.arange(T, dtype=np.int64) if tmap is None else np.asarray(torch.as_tensor(tmap).cpu(), dtype=np.int64)
-    return NLLResult(
-        bpd=float(per_example.mean()),
-        prior_bpd=float(torch.cat(priors).mean()),
-        vb_per_t=torch.cat(vbs).mean(0).numpy(),
-        xstart_mse_per_t=torch.cat(xmses).mean(0).numpy(),
-        mse_per_t=torch.cat(mses).mean(0).numpy(),
-        num_examples=seen,
-        per_example_bpd=per_example,
-        timestep_map=tmap,
-    )
+    share = compute_nll_share(model, diffusion, data, clip_denoised=clip_denoised, device=device,
+                              progress=progress, seed=seed, max_batches=max_batches, max_examples=max_examples,
+                              use_labels=use_labels)
+    return merge_nll_shares([share], diffusion)
 
 
 def save_nll(result: NLLResult, path: str | os.PathLike) -> Path:
