@@ -3,7 +3,7 @@ run directories, exact resume, mixed precision and torchrun/DDP.
 
 Examples::
 
-    iddpm train --preset digits --run_dir runs/digits --max_minutes 5
+    iddpm train --run_dir runs/digits --max_minutes 5          # no data, no preset: the digits preset
     iddpm train --data_dir images/ --image_size 64 --num_channels 128 --batch_size 64 --run_dir runs/x
     iddpm train --resume --run_dir runs/x --max_steps 20000
     torchrun --nproc_per_node 2 -m iddpm train --config run.toml
@@ -29,6 +29,14 @@ def resolve(args: argparse.Namespace):
     from iddpm.checkpoints.run_dir import read_config, resolve_run_dir
 
     cfg = resolve_run_config(args)
+    if not cfg.preset and cfg.data.data_dir in ("", "digits") and not cfg.train.resume \
+            and not cfg.train.resume_checkpoint:
+        # the embedded default: no data and no preset -> the digits preset (explicit flags still win)
+        from iddpm.config import preset
+
+        cfg = resolve_run_config(args, base=preset("digits"))
+        print("iddpm train: no --data_dir and no --preset: the bundled digits with the 'digits' preset "
+              "(see `iddpm presets`)", file=sys.stderr)
     if cfg.train.resume:
         run_dir = resolve_run_dir(cfg)
         if (run_dir / "config.json").is_file():

@@ -103,12 +103,24 @@ def test_config_file_and_dry_run(tmp_path, capsys):
     assert not (tmp_path / "runs").exists()
 
 
+def test_no_data_and_no_preset_means_the_digits_preset(capsys):
+    assert main(["train", "--dry_run", "--num_channels", "64"]) == 0
+    out = capsys.readouterr()
+    cfg = json.loads(out.out)
+    assert "the 'digits' preset" in out.err
+    assert cfg["preset"] == "digits" and cfg["model"]["image_size"] == 8 and cfg["model"]["in_channels"] == 1
+    assert cfg["model"]["num_channels"] == 64  # explicit flags still win
+    assert main(["train", "--dry_run", "--data_dir", "imgs/"]) == 0  # data given: the original's defaults
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["preset"] == "" and cfg["model"]["image_size"] == 64
+
+
 def test_errors_are_one_line(tmp_path, capsys):
     run = tmp_path / "run"
-    assert main(["train", *TINY, "--in_channels", "1", "--class_cond", "True", "--max_steps", "1",
-                 "--run_dir", str(run)]) == 2
+    assert main(["train", *TINY, "--in_channels", "1", "--class_cond", "True", "--num_classes", "5",
+                 "--max_steps", "1", "--run_dir", str(run)]) == 2
     err = capsys.readouterr().err
-    assert "--num_classes 1000: the data has 10 classes; use --num_classes 10" in err
+    assert "--num_classes 5: the data has 10 classes; use --num_classes 10" in err
     assert main(["train", *TINY, "--in_channels", "1", "--max_steps", "1", "--run_dir", str(run)]) == 0
     capsys.readouterr()
     assert main(["train", *TINY, "--in_channels", "1", "--max_steps", "1", "--run_dir", str(run)]) == 2
