@@ -22,6 +22,7 @@ def test_demo_tiny(tmp_path, capsys, monkeypatch):
     assert f"samples: {run / 'samples.png'} (6 images, 5 sampling steps" in out
     assert "bits/dim over a subset: the first 4 of 360 test images (T = 20, unconditional)" in out
     assert "time:" in out
+    assert "sample quality: digit-FID " in out and "vs the 360 test digits" in out and "6 samples" in out
     assert Image.open(run / "samples.png").size[0] > 6 * 8
     assert np.load(run / "samples.npz")["arr_0"].shape == (6, 8, 8, 1)
     nll = json.loads((run / "nll.json").read_text())
