@@ -38,13 +38,15 @@ def str2bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, sections=tuple(SECTIONS), skip=(), shown=None) -> None:
+def add_config_flags(parser: argparse.ArgumentParser, sections=tuple(SECTIONS), skip=(), shown=None,
+                     group_help: str | None = None) -> None:
     """Add one ``--name`` flag per field of the given config sections (default: not given).
 
     ``shown``: a :class:`RunConfig` whose values the help shows as defaults (e.g. the demo's preset);
-    without it the help shows the dataclass defaults."""
+    without it the help shows the dataclass defaults.  ``group_help``: a description of each section's group
+    (e.g. where the defaults come from)."""
     for sec in sections:
-        group = parser.add_argument_group(f"{sec} settings")
+        group = parser.add_argument_group(f"{sec} settings", group_help)
         for f in fields(SECTIONS[sec]):
             if f.name in skip:
                 continue

@@ -34,7 +34,10 @@ def add_model_source_flags(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     src.add_argument("--fast", type=str2bool, nargs="?", const=True, default=True, metavar="BOOL",
                      help="channels_last fast path (+ torch.compile on CUDA) (default true)")
-    add_config_flags(parser, sections=("model", "diffusion"))
+    add_config_flags(parser, sections=("model", "diffusion"),
+                     group_help="iddpm checkpoints carry their settings (only diffusion settings may be changed); "
+                                "an original .pt takes them from --preset, then these flags. The defaults shown "
+                                "are those of a .pt loaded without --preset.")
 
 
 def add_sampling_flags(parser: argparse.ArgumentParser) -> None:
