@@ -12,53 +12,8 @@ from typing import Any
 
 import torch
 
-from iddpm.config import ConfigError, DiffusionConfig, RunConfig, parse_int_list
-
-
-def build_diffusion(dcfg: DiffusionConfig, timestep_respacing: str | None = None):
-    """A :class:`~iddpm.diffusion.SpacedDiffusion` as the original's scripts build it.
-
-    ``timestep_respacing`` overrides the config's (e.g. ``"ddim50"`` for sampling).
-    """
-    from iddpm.diffusion import create_gaussian_diffusion
-
-    return create_gaussian_diffusion(
-        steps=dcfg.diffusion_steps,
-        learn_sigma=dcfg.learn_sigma,
-        sigma_small=dcfg.sigma_small,
-        noise_schedule=dcfg.noise_schedule,
-        use_kl=dcfg.use_kl,
-        predict_xstart=dcfg.predict_xstart,
-        rescale_timesteps=dcfg.rescale_timesteps,
-        rescale_learned_sigmas=dcfg.rescale_learned_sigmas,
-        timestep_respacing=dcfg.timestep_respacing if timestep_respacing is None else timestep_respacing,
-    )
-
-
-def build_model(cfg: RunConfig):
-    """The U-Net (or super-resolution U-Net) described by ``cfg.model`` / ``cfg.diffusion``."""
-    from iddpm.models import create_model, sr_create_model
-
-    m = cfg.model
-    common = dict(
-        num_channels=m.num_channels,
-        num_res_blocks=m.num_res_blocks,
-        learn_sigma=cfg.diffusion.learn_sigma,
-        class_cond=m.class_cond,
-        use_checkpoint=m.use_checkpoint,
-        attention_resolutions=m.attention_resolutions,
-        num_heads=m.num_heads,
-        num_heads_upsample=m.num_heads_upsample,
-        use_scale_shift_norm=m.use_scale_shift_norm,
-        dropout=m.dropout,
-        channel_mult=parse_int_list(m.channel_mult, "channel_mult") or None,
-        in_channels=m.in_channels,
-        num_classes=m.num_classes,
-    )
-    if m.super_res:
-        return sr_create_model(large_size=m.image_size, small_size=m.small_size, **common)
-    return create_model(image_size=m.image_size, **common)
-
+from iddpm.build import build_diffusion, build_model, build_sampling_diffusion  # noqa: F401 (re-exported)
+from iddpm.config import ConfigError, RunConfig
 
 # --------------------------------------------------------------------------------------------
 # Loading a trained model: run directory, checkpoint folder, model file, or the original's .pt
@@ -218,7 +173,7 @@ def load_run(
 
         model, cfg = load_model_file(file, device="cpu")
         cfg = _apply_diffusion_overrides(cfg, overrides, str(file))
-    diffusion = _build_sampling_diffusion(cfg, timestep_respacing)
+    diffusion = build_sampling_diffusion(cfg, timestep_respacing)
     if timestep_respacing is not None:  # the returned config describes the returned diffusion
         import dataclasses
 
@@ -236,20 +191,6 @@ def _load_openai(file: Path, cfg: RunConfig):
         model = build_model(cfg)
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model.eval()
-
-
-def _build_sampling_diffusion(cfg: RunConfig, timestep_respacing: str | None):
-    """:func:`build_diffusion` with a respacing; turns a bad respacing into a one-line ConfigError."""
-    try:
-        return build_diffusion(cfg.diffusion, timestep_respacing)
-    except ConfigError:
-        raise
-    except ValueError as exc:
-        resp = cfg.diffusion.timestep_respacing if timestep_respacing is None else timestep_respacing
-        msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if msg.startswith("timestep respacing") and ": " in msg:  # avoid repeating the flag's value
-            msg = msg.split(": ", 1)[1]
-        raise ConfigError(f"--timestep_respacing {resp}: {msg}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,7 +213,7 @@ def _objects(what: str, run, model, diffusion, cfg, timestep_respacing, load_kwa
     if timestep_respacing is not None:
         if cfg is None:
             raise ConfigError(f"{what}: timestep_respacing needs cfg= (or pass a respaced diffusion)")
-        diffusion = _build_sampling_diffusion(cfg, timestep_respacing)
+        diffusion = build_sampling_diffusion(cfg, timestep_respacing)
     return model, diffusion, cfg
 
 

@@ -15,7 +15,7 @@ def assert_same_images(a, b):
 def random_weights(cfg, seed: int = 0) -> dict:
     """A tiny model's state_dict whose zero-initialised layers (output convs) are filled with small random
     values, so that outputs depend on the inputs (x, t, y, low_res)."""
-    from iddpm.api import build_model
+    from iddpm.build import build_model
 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)

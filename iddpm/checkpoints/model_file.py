@@ -105,7 +105,7 @@ def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu")
     The model is built on the meta device and its parameters are taken from the file (no random
     init pass); floating-point weights become float32.  A key/shape mismatch raises ConfigError.
     """
-    from iddpm.api import build_model
+    from iddpm.build import build_model
     from iddpm.checkpoints.openai import check_state_dict
 
     state_dict, cfg, _ = read_model_file(path)

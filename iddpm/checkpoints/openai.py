@@ -35,7 +35,7 @@ _SHOW = 3  # keys listed per category in error messages
 
 def model_layout(cfg: RunConfig) -> Layout:
     """``{key: shape}`` of the state_dict of the model ``cfg`` builds (built on the meta device: no memory)."""
-    from iddpm.api import build_model
+    from iddpm.build import build_model
 
     with torch.device("meta"):
         model = build_model(cfg)

@@ -72,7 +72,7 @@ def load_resume_checkpoint(path: str, cfg: RunConfig):
 
 def _sample_diffusion(cfg: RunConfig):
     """A respaced copy for sample grids: 50 ancestral steps with learned sigmas, else DDIM-50."""
-    from iddpm.api import build_diffusion
+    from iddpm.build import build_diffusion
 
     n = min(50, cfg.diffusion.diffusion_steps)
     if cfg.diffusion.learn_sigma:
@@ -90,7 +90,7 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike | None = None, d
     ``resume_from``: checkpoint to continue from (run dir, step folder, model ``.safetensors`` or the original's
     ``modelNNNNNN.pt``).  The run directory gets ``config.json`` (rank 0).
     """
-    from iddpm.api import build_diffusion, build_model
+    from iddpm.build import build_diffusion, build_model
     from iddpm.checkpoints.run_dir import list_checkpoints, resolve_run_dir, write_config
     from iddpm.data import load_dataset, make_loader
     from iddpm.diffusion import create_named_schedule_sampler
