@@ -669,7 +669,7 @@ def write_plots(results: dict, out: Path, sample_grids: dict) -> list[str]:
 
 
 def write_outputs(results: dict, out: Path, sample_grids: dict) -> None:
-    from iddpm.checkpoints.atomic import atomic_write_text
+    from iddpm.runtime.atomic import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()

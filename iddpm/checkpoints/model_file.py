@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from iddpm.checkpoints.atomic import atomic_save_safetensors, atomic_write_text
 from iddpm.config import ConfigError, RunConfig
+from iddpm.runtime.atomic import atomic_save_safetensors, atomic_write_text
 
 __all__ = ["FORMAT", "save_model_file", "read_model_file", "load_model_file"]
 

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from iddpm.checkpoints.atomic import atomic_directory, atomic_save_safetensors, atomic_write_text
 from iddpm.config import ConfigError, RunConfig
+from iddpm.runtime.atomic import atomic_directory, atomic_save_safetensors, atomic_write_text
 
 CHECKPOINTS = "checkpoints"
 STATE_FORMAT = "iddpm-train-state/1"

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"iddpm eval: {args.samples} vs {args.reference}")
     print(format_summary(result))
     if args.json:
-        from iddpm.checkpoints.atomic import atomic_write_text
+        from iddpm.runtime.atomic import atomic_write_text
 
         atomic_write_text(args.json, json.dumps(result, indent=2, sort_keys=True) + "\n")
         print(f"wrote {args.json}")

@@ -160,7 +160,7 @@ def weights_source(args: argparse.Namespace) -> str:
 
 def write_outputs(result, args: argparse.Namespace, info: dict[str, Any]) -> Path:
     """npz + grid + sample_info.json (+ pngs, trajectory) into args.out; returns the npz path."""
-    from iddpm.checkpoints.atomic import atomic_write_text
+    from iddpm.runtime.atomic import atomic_write_text
     from iddpm.sample import save_grid, save_npz, save_pngs, save_trajectory
 
     out = Path(args.out)

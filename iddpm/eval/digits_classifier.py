@@ -129,7 +129,7 @@ def train_digits_classifier(
 def save_digits_classifier(path: str | os.PathLike, model: DigitsCNN, info: dict) -> None:
     from safetensors.torch import save
 
-    from iddpm.checkpoints.atomic import atomic_write_bytes
+    from iddpm.runtime.atomic import atomic_write_bytes
 
     meta = {"iddpm_format": FORMAT, "config": json.dumps(model.config), "info": json.dumps(info)}
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}

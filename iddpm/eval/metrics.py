@@ -211,7 +211,7 @@ def save_stats(path: str | os.PathLike, stats: FeatureStats, include_features: b
     """Write ``mu``, ``sigma``, ``num``, ``extractor`` (and ``features``/``logits`` when asked) atomically."""
     import io
 
-    from iddpm.checkpoints.atomic import atomic_write_bytes
+    from iddpm.runtime.atomic import atomic_write_bytes
 
     arrays = {"mu": stats.mu, "sigma": stats.sigma, "num": np.int64(stats.num), "extractor": np.str_(stats.extractor)}
     if include_features:

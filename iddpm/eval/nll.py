@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iddpm.checkpoints.atomic import atomic_write_bytes, atomic_write_text
+from iddpm.runtime.atomic import atomic_write_bytes, atomic_write_text
 from iddpm.sample.noise import PerSampleNoise
 
 __all__ = ["NLLResult", "NLLShare", "compute_nll", "compute_nll_share", "merge_nll_shares", "save_nll"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iddpm.checkpoints.atomic import atomic_write_bytes
+from iddpm.runtime.atomic import atomic_write_bytes
 
 __all__ = [
     "to_uint8",
