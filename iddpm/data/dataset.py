@@ -17,6 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from iddpm.config import ConfigError
+from iddpm.data.digits import DIGITS_NUM_CLASSES, load_digits_split
 from iddpm.data.preprocess import preprocess_array, preprocess_pil, to_model_range
 from iddpm.data.sources import folder_labels, list_image_files, read_npz_images
 
@@ -143,9 +145,6 @@ def load_dataset(
         with_labels: False drops labels (``cond == {}``) whatever the source holds; pass
             ``cfg.model.class_cond`` since an unconditional U-Net must not receive ``y``.
     """
-    from iddpm.config import ConfigError
-    from iddpm.data.digits import DIGITS_NUM_CLASSES, load_digits_split
-
     source = str(data.data_dir or "").strip()
     kw = dict(image_size=image_size, in_channels=in_channels, random_flip=data.random_flip, seed=seed)
     want_labels = with_labels and data.labels != "none"

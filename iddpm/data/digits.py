@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from iddpm.config import ConfigError
+
 __all__ = ["DIGITS_SPLIT_SEED", "DIGITS_NUM_CLASSES", "DIGITS_IMAGE_SIZE", "digits_split_indices", "load_digits_split"]
 
 DIGITS_SPLIT_SEED = 0  # random_state of the stratified split; never change (it defines the test set)
@@ -21,7 +23,7 @@ _SPLITS = ("train", "test", "all")
 
 
 def _load_all() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # why: scikit-learn takes ~1 s to import and only the digits need it
 
     bunch = load_digits()
     images = np.rint(bunch.images.astype(np.float64) * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
@@ -31,7 +33,7 @@ def _load_all() -> tuple[np.ndarray, np.ndarray]:
 
 def digits_split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted (train, test) indices of the fixed stratified 80/20 split of ``labels`` [1797]."""
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # why: scikit-learn is slow to import (~1 s), digits only
 
     idx = np.arange(len(labels))
     train, test = train_test_split(
@@ -49,8 +51,6 @@ def load_digits_split(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         ``(images uint8 [N, 8, 8] in 0..255, labels int64 [N] in 0..9)``, in the data set's
         original order (deterministic; independent of any global RNG).
     """
-    from iddpm.config import ConfigError
-
     if split not in _SPLITS:
         raise ConfigError(f"digits split {split!r}: choose one of {', '.join(_SPLITS)}")
     images, labels = _load_all()

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from iddpm.config import ConfigError
+
 __all__ = ["BatchLoader", "make_loader"]
 
 
@@ -57,8 +59,6 @@ class BatchLoader:
         drop_last: bool = True,
         infinite: bool = False,
     ):
-        from iddpm.config import ConfigError
-
         if batch_size < 1:
             raise ConfigError(f"--batch_size {batch_size}: must be >= 1")
         if not 0 <= rank < world_size:

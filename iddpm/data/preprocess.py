@@ -18,14 +18,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from iddpm.config import ConfigError
+
 __all__ = ["MODES", "resize_like_original", "preprocess_pil", "array_to_pil", "to_model_range", "preprocess_array"]
 
 MODES = {1: "L", 3: "RGB"}
 
 
 def _mode_for(in_channels: int) -> str:
-    from iddpm.config import ConfigError
-
     if in_channels not in MODES:
         raise ConfigError(f"--in_channels {in_channels}: images can be loaded as 1 (grayscale) or 3 (RGB) channels")
     return MODES[in_channels]

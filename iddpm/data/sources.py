@@ -20,23 +20,20 @@ import os
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+
+from iddpm.config import ConfigError
 
 __all__ = ["IMAGE_EXTENSIONS", "list_image_files", "folder_labels", "read_npz_images", "read_image_folder"]
 
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "gif", "webp", "bmp", "tiff", "tif"})
 
 
-def _config_error(msg: str):
-    from iddpm.config import ConfigError
-
-    return ConfigError(msg)
-
-
 def list_image_files(data_dir: str | os.PathLike) -> list[Path]:
     """All image files below ``data_dir`` (recursive, case-insensitive extensions, sorted per folder)."""
     root = Path(data_dir)
     if not root.is_dir():
-        raise _config_error(f"--data_dir {data_dir}: no such folder; give an image folder, a .npz file or 'digits'")
+        raise ConfigError(f"--data_dir {data_dir}: no such folder; give an image folder, a .npz file or 'digits'")
     results: list[Path] = []
 
     def visit(folder: Path) -> None:
@@ -49,7 +46,7 @@ def list_image_files(data_dir: str | os.PathLike) -> list[Path]:
 
     visit(root)
     if not results:
-        raise _config_error(
+        raise ConfigError(
             f"--data_dir {data_dir}: no images found (looked recursively for "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}); point it at a folder of images"
         )
@@ -68,13 +65,13 @@ def folder_labels(files: list[Path], root: str | os.PathLike, labels: str) -> tu
         for f in files:
             rel = f.relative_to(root)
             if len(rel.parts) < 2:
-                raise _config_error(
+                raise ConfigError(
                     f"--labels dirname: {f} is not inside a class sub-folder of {root}; "
                     "use one sub-folder per class or --labels prefix/none"
                 )
             names.append(rel.parts[0])
     else:
-        raise _config_error(f"--labels {labels!r}: choose prefix, dirname or none")
+        raise ConfigError(f"--labels {labels!r}: choose prefix, dirname or none")
     classes = tuple(sorted(set(names)))
     index = {c: i for i, c in enumerate(classes)}
     return np.array([index[n] for n in names], dtype=np.int64), classes
@@ -84,31 +81,31 @@ def read_npz_images(path: str | os.PathLike, flag: str = "--data_dir") -> tuple[
     """``(images uint8 [N, H, W, C], labels int64 [N] or None)`` from an original-layout ``.npz``."""
     path = Path(path)
     if not path.is_file():
-        raise _config_error(f"{flag} {path}: no such file")
+        raise ConfigError(f"{flag} {path}: no such file")
     try:
         with np.load(path, allow_pickle=False) as f:
             names = list(f.files)
             images = f["arr_0"] if "arr_0" in names else None
             labels = f["arr_1"] if "arr_1" in names else None
     except Exception as exc:  # zipfile.BadZipFile, pickled data, truncated file, ...
-        raise _config_error(
+        raise ConfigError(
             f"{flag} {path}: not a readable .npz file ({type(exc).__name__}); save it with np.savez(path, images)"
         ) from None
     if images is None:
-        raise _config_error(
+        raise ConfigError(
             f"{flag} {path}: no 'arr_0' array (found {', '.join(names) or 'nothing'}); "
             "save images with np.savez(path, images_uint8_NHWC, labels)"
         )
     if images.ndim == 3:
         images = images[..., None]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or len(images) == 0:
-        raise _config_error(
+        raise ConfigError(
             f"{flag} {path}: arr_0 is {images.dtype} {tuple(images.shape)}; expected non-empty uint8 [N, H, W, C] "
             "with C in 1, 3, 4 (or [N, H, W])"
         )
     if labels is not None:
         if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-            raise _config_error(
+            raise ConfigError(
                 f"{flag} {path}: arr_1 is {labels.dtype} {tuple(labels.shape)}; expected non-negative integer labels "
                 f"[{len(images)}] (or leave arr_1 out)"
             )
@@ -121,8 +118,6 @@ def read_image_folder(path: str | os.PathLike, flag: str = "SAMPLES") -> np.ndar
 
     Grayscale files give C=1 when every file is grayscale, otherwise everything is read as RGB.
     """
-    from PIL import Image
-
     files = list_image_files(path)
     pils = []
     for f in files:
@@ -133,7 +128,7 @@ def read_image_folder(path: str | os.PathLike, flag: str = "SAMPLES") -> np.ndar
     arrs = [np.array(im.convert("L" if gray else "RGB")) for im in pils]
     shapes = {a.shape for a in arrs}
     if len(shapes) != 1:
-        raise _config_error(
+        raise ConfigError(
             f"{flag} {path}: images have different sizes {sorted(shapes)[:3]}...; resize them to one size first"
         )
     out = np.stack(arrs)
