@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from .noise import NoiseDraws
 
@@ -62,8 +63,6 @@ class SamplingLoopsMixin:
     def _timestep_indices(self, progress: bool) -> Iterable[int]:
         indices = list(range(self.num_timesteps))[::-1]
         if progress:
-            from tqdm.auto import tqdm
-
             return tqdm(indices)
         return indices
 
