@@ -22,7 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save
 from torch import nn
+
+from iddpm.config import ConfigError
+from iddpm.data.digits import load_digits_split
+from iddpm.runtime.atomic import atomic_write_bytes
 
 __all__ = ["DigitsCNN", "train_digits_classifier", "load_digits_classifier", "default_weights_path", "accuracy"]
 
@@ -90,8 +96,6 @@ def train_digits_classifier(
     generators seeded from ``seed``; the global torch RNG is saved and restored around
     initialisation.  With ``out`` the weights are written (safetensors, metadata included).
     """
-    from iddpm.data.digits import load_digits_split
-
     tr_x, tr_y = load_digits_split("train")
     te_x, te_y = load_digits_split("test")
     with torch.random.fork_rng(devices=[]):
@@ -127,10 +131,6 @@ def train_digits_classifier(
 
 
 def save_digits_classifier(path: str | os.PathLike, model: DigitsCNN, info: dict) -> None:
-    from safetensors.torch import save
-
-    from iddpm.runtime.atomic import atomic_write_bytes
-
     meta = {"iddpm_format": FORMAT, "config": json.dumps(model.config), "info": json.dumps(info)}
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(path, save(tensors, metadata=meta))
@@ -143,10 +143,6 @@ def default_weights_path() -> Path:
 
 def load_digits_classifier(path: str | os.PathLike | None = None) -> tuple[DigitsCNN, dict]:
     """Load weights (default: the shipped file) -> (model in eval mode, training info)."""
-    from safetensors import safe_open
-
-    from iddpm.config import ConfigError
-
     p = Path(path) if path else default_weights_path()
     if not p.is_file():
         raise ConfigError(

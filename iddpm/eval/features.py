@@ -26,6 +26,9 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from iddpm.config import ConfigError
+from iddpm.eval.digits_classifier import images_to_input, load_digits_classifier
+
 __all__ = [
     "FeatureExtractor",
     "InceptionExtractor",
@@ -80,8 +83,6 @@ class DigitsExtractor:
     """Our digits CNN (:mod:`iddpm.eval.digits_classifier`): 64-d features, 10-class logits."""
 
     def __init__(self, weights: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
-        from iddpm.eval.digits_classifier import load_digits_classifier
-
         self.model, self.info = load_digits_classifier(weights)
         self.device = torch.device(device)
         self.model.to(self.device)
@@ -89,9 +90,6 @@ class DigitsExtractor:
 
     @torch.no_grad()
     def __call__(self, images):
-        from iddpm.config import ConfigError
-        from iddpm.eval.digits_classifier import images_to_input
-
         arr = _as_uint8_nhwc(images)
         if arr.shape[1:3] != (8, 8):
             raise ConfigError(
@@ -141,8 +139,6 @@ class InceptionExtractor:
     """InceptionV3 pool3 features (2048-d) from a TorchScript file; no logits."""
 
     def __init__(self, path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
-        from iddpm.config import ConfigError
-
         p = Path(path) if path else find_inception_torchscript()
         if p is None or not p.is_file():
             where = f"--inception {path}: no such file" if path else "no InceptionV3 TorchScript found"
@@ -183,8 +179,6 @@ def make_extractor(
     device: str | torch.device = "cpu",
 ) -> FeatureExtractor:
     """Build an extractor by name: ``digits``, ``inception`` or ``random`` (``auto`` is resolved by the caller)."""
-    from iddpm.config import ConfigError
-
     if name == "digits":
         return DigitsExtractor(digits_weights, device=device)
     if name == "inception":

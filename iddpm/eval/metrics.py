@@ -16,6 +16,7 @@ distances run blockwise in torch (optionally on an accelerator).
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,9 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 import torch
+
+from iddpm.config import ConfigError
+from iddpm.runtime.atomic import atomic_write_bytes
 
 __all__ = [
     "FeatureStats",
@@ -209,10 +213,6 @@ def is_stats_file(path: str | os.PathLike) -> bool:
 
 def save_stats(path: str | os.PathLike, stats: FeatureStats, include_features: bool = False) -> None:
     """Write ``mu``, ``sigma``, ``num``, ``extractor`` (and ``features``/``logits`` when asked) atomically."""
-    import io
-
-    from iddpm.runtime.atomic import atomic_write_bytes
-
     arrays = {"mu": stats.mu, "sigma": stats.sigma, "num": np.int64(stats.num), "extractor": np.str_(stats.extractor)}
     if include_features:
         if stats.features is not None:
@@ -226,8 +226,6 @@ def save_stats(path: str | os.PathLike, stats: FeatureStats, include_features: b
 
 def load_stats(path: str | os.PathLike, flag: str = "REFERENCE") -> FeatureStats:
     """Read a statistics file written by :func:`save_stats` (or any .npz with ``mu`` and ``sigma``)."""
-    from iddpm.config import ConfigError
-
     try:
         with np.load(path, allow_pickle=False) as f:
             if "mu" not in f.files or "sigma" not in f.files:
