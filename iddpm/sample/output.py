@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from iddpm.config import ConfigError
 from iddpm.runtime.atomic import atomic_write_bytes
 
 __all__ = [
@@ -68,8 +70,6 @@ def save_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | N
 
 def load_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
     """Read a samples npz: ``(images uint8 NHWC, labels int64 or None)``.  Errors name the file."""
-    from iddpm.config import ConfigError
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such file; expected a samples .npz (arr_0 uint8 NHWC, optional arr_1 labels)")
@@ -111,7 +111,6 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2, pad_val
 
 
 def _png_bytes(image_hwc: np.ndarray, scale: int = 1) -> bytes:
-
     img = _to_pil(image_hwc, scale)
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -119,8 +118,6 @@ def _png_bytes(image_hwc: np.ndarray, scale: int = 1) -> bytes:
 
 
 def _to_pil(image_hwc: np.ndarray, scale: int = 1):
-    from PIL import Image
-
     arr = image_hwc[..., 0] if image_hwc.shape[-1] == 1 else image_hwc
     img = Image.fromarray(np.ascontiguousarray(arr))
     if scale > 1:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from iddpm.config import ConfigError
 from iddpm.sample.loop import SampleResult, generate
 
 __all__ = ["low_res_from_uint8", "upsample"]
@@ -49,8 +50,6 @@ def upsample(
     class_cond: pass ``base_labels`` as ``y`` (required then); ``num_classes`` is the model's class count.
     rank / world_size: this process's share of a distributed run (see :func:`iddpm.sample.generate`).
     """
-    from iddpm.config import ConfigError
-
     base_images = np.asarray(base_images)
     low_res = low_res_from_uint8(base_images)
     if class_cond and base_labels is None:
