@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 import signal
 import threading
@@ -31,10 +32,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from iddpm.checkpoints.run_dir import save_checkpoint
 from iddpm.config import RunConfig
 from iddpm.runtime.distributed import DistContext
 from iddpm.runtime.seeding import capture_rng_state, restore_rng_state
 from iddpm.runtime.sinks import MultiSink, ProgressBar
+from iddpm.sample import generate, save_grid
 from iddpm.train.draws import example_draws, global_positions
 from iddpm.train.ema import EMA
 from iddpm.train.meter import MetricMeter
@@ -44,8 +47,6 @@ from iddpm.train.schedule import lr_at
 
 def param_fingerprint(model: torch.nn.Module) -> str:
     """SHA-1 of all parameter bytes (to check that every rank holds the same weights)."""
-    import hashlib
-
     h = hashlib.sha1()
     for p in model.parameters():
         h.update(p.detach().cpu().contiguous().numpy().tobytes())
@@ -136,8 +137,6 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Checkpoint the current step into ``run_dir`` (all ranks call it; rank 0 writes)."""
-        from iddpm.checkpoints.run_dir import save_checkpoint
-
         state = self.training_state()  # collective
         state["param_sha1"] = self.dist.all_gather_object(param_fingerprint(self.model))
         if len(set(state["param_sha1"])) > 1:
@@ -343,8 +342,6 @@ class Trainer:
         """Write ``RUN_DIR/samples/step_XXXXXXXX.png`` from the first EMA (rank 0; fixed seed)."""
         if not self.dist.is_main or self.run_dir is None or self.sample_diffusion is None:
             return None
-        from iddpm.sample import generate, save_grid
-
         m = self.cfg.model
         if num_samples is None:
             num_samples = 64 if m.image_size <= 32 else 16
