@@ -13,6 +13,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from safetensors.torch import save
+
 
 def _fsync_dir(path: Path) -> None:
     try:
@@ -54,8 +56,6 @@ def atomic_save_safetensors(tensors: dict, path: str | os.PathLike, metadata: di
 
     Tensors are made contiguous; tensors sharing storage are cloned (safetensors refuses shared memory).
     """
-    from safetensors.torch import save
-
     seen: set[int] = set()
     clean = {}
     for k, v in tensors.items():

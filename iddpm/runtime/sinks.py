@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from typing import Protocol
 
+from tqdm import tqdm
+
 
 class MetricSink(Protocol):
     def write(self, step: int, metrics: dict[str, float]) -> None: ...
@@ -74,7 +76,7 @@ class TensorBoardSink:
     @classmethod
     def create(cls, log_dir: str | os.PathLike, resume_step: int | None = None) -> TensorBoardSink | None:
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # why: optional dependency, and slow to import
         except Exception:  # tensorboard not installed (optional dependency)
             return None
         purge = resume_step + 1 if resume_step is not None else None
@@ -95,8 +97,6 @@ class ConsoleSink:
     KEYS = ("loss", "mse", "vb", "grad_norm", "lr", "img_per_s")
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
-        from tqdm import tqdm
-
         parts = [f"step {step}"] + [f"{k} {metrics[k]:.4g}" for k in self.KEYS if k in metrics]
         tqdm.write(" | ".join(parts), file=sys.stderr)
 
@@ -128,8 +128,6 @@ class ProgressBar:
 
     def __init__(self, total: int | None, initial: int, images_per_step: int, enabled: bool = True,
                  seconds_budget: float | None = None) -> None:
-        from tqdm import tqdm
-
         self.images_per_step = images_per_step
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
                         file=sys.stderr, smoothing=0.05, desc="train", mininterval=0.5 if sys.stderr.isatty() else 5.0)
