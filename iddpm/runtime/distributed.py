@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as tdist
+from torch.nn.parallel import DistributedDataParallel
 
 from iddpm.config import ConfigError
 
@@ -87,8 +88,6 @@ class DistContext:
         """``DistributedDataParallel(module)`` when distributed, else ``module`` itself."""
         if not self.is_distributed:
             return module
-        from torch.nn.parallel import DistributedDataParallel
-
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=ids, output_device=ids[0] if ids else None)
 
