@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "eval": ("iddpm.cli.evaluate", "FID / KID / IS / precision-recall between samples and a reference"),
     "convert-openai": ("iddpm.cli.convert", "convert an improved-diffusion .pt checkpoint to iddpm format"),
     "presets": ("iddpm.cli.presets", "list the named presets and their settings"),
+    "export": ("iddpm.cli.interop", "export a model to another library's format (diffusers DDPMPipeline)"),
+    "import": ("iddpm.cli.interop", "import a model from another library's format (diffusers UNet2DModel)"),
 }
 
 
