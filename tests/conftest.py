@@ -25,6 +25,27 @@ def pytest_configure(config):
 
 
 @pytest.fixture(scope="session")
+def torch_settings_baseline() -> dict:
+    """torch's process-wide settings as the session starts (after the worker's thread choice above)."""
+    from helpers import torch_process_settings
+
+    return torch_process_settings()
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_settings(torch_settings_baseline):
+    """After every test, torch's process-wide settings (threads, default dtype/device, grad mode, determinism,
+    denormals, matmul precision, backend flags) are set back to the session's: in-process ``main([...])`` calls
+    (e.g. ``iddpm demo --threads``) must not change the kernels, hence the float32 round-off, of later tests in
+    the same worker.  The baseline, not the value before the test, is restored, so that a change made by a
+    module-scoped fixture (set up before this fixture) ends with the first test that used it."""
+    from helpers import restore_torch_process_settings
+
+    yield
+    restore_torch_process_settings(torch_settings_baseline)
+
+
+@pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """Folder of reference data from the original implementation (skips when absent)."""
     if not (REFERENCE_DIR / "README.md").is_file():

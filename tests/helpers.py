@@ -22,3 +22,79 @@ def random_weights(cfg, seed: int = 0) -> dict:
     sd = build_model(cfg).state_dict()
     return {k: torch.randn(v.shape, generator=g) * 0.1 if v.is_floating_point() and not v.any() else v
             for k, v in sd.items()}
+
+
+# --- torch's process-wide settings -------------------------------------------------------------------------------
+# Tests call ``main([...])`` and the API in-process, and some commands change process-wide torch state (``iddpm demo``
+# and benchmarks/*.py call ``torch.set_num_threads``).  Left behind, such a change alters the float32 kernels
+# (reduction order) of every later test in the same pytest(-xdist) worker, so results depend on test order.
+# tests/conftest.py restores the settings captured at session start after every test.  Not covered: glibc's
+# malloc tuning by iddpm.models.optimize.tune_cpu_allocator (it cannot be read back or undone, and does not
+# change results) and the global RNGs (state, not settings: tests seed what they draw).
+
+# Backend flags: (module path under torch.backends, attribute); those absent in this torch build are skipped.
+_BACKEND_FLAGS = (
+    ("cudnn", "enabled"), ("cudnn", "benchmark"), ("cudnn", "deterministic"), ("cudnn", "allow_tf32"),
+    ("cuda.matmul", "allow_tf32"), ("cuda.matmul", "allow_fp16_reduced_precision_reduction"),
+    ("cuda.matmul", "allow_bf16_reduced_precision_reduction"), ("mkldnn", "enabled"), ("opt_einsum", "enabled"),
+    ("", "fp32_precision"), ("mkldnn", "fp32_precision"), ("mkldnn.matmul", "fp32_precision"),
+    ("mkldnn.conv", "fp32_precision"), ("cuda.matmul", "fp32_precision"), ("cudnn.conv", "fp32_precision"),
+)
+
+
+def _backend(path: str):
+    mod = torch.backends
+    for part in filter(None, path.split(".")):
+        mod = getattr(mod, part, None)
+    return mod
+
+
+def _flush_denormal() -> bool:
+    """Whether denormals are flushed to zero (``torch.set_flush_denormal`` has no getter: probe it)."""
+    return (torch.tensor([1e-39], dtype=torch.float32, device="cpu") * 2).item() == 0.0
+
+
+def _settings_table():
+    """(name, getter, setter) in restore order: the float32 matmul precision before the flags it also sets."""
+    rows = [
+        ("num_threads", torch.get_num_threads, torch.set_num_threads),
+        ("num_interop_threads", torch.get_num_interop_threads, torch.set_num_interop_threads),
+        ("default_dtype", torch.get_default_dtype, torch.set_default_dtype),
+        ("default_device", torch.get_default_device, torch.set_default_device),
+        ("grad_enabled", torch.is_grad_enabled, torch.set_grad_enabled),
+        ("anomaly", lambda: (torch.is_anomaly_enabled(), torch.is_anomaly_check_nan_enabled()),
+         lambda v: torch.set_anomaly_enabled(*v)),
+        ("deterministic_algorithms",
+         lambda: (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()),
+         lambda v: torch.use_deterministic_algorithms(v[0], warn_only=v[1])),
+        ("flush_denormal", _flush_denormal, torch.set_flush_denormal),
+        ("float32_matmul_precision", torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
+    ]
+    for path, attr in _BACKEND_FLAGS:
+        mod = _backend(path)
+        if mod is not None and hasattr(mod, attr):
+            rows.append((f"backends.{path + '.' if path else ''}{attr}", lambda m=mod, a=attr: getattr(m, a),
+                         lambda v, m=mod, a=attr: setattr(m, a, v)))
+    return rows
+
+
+def torch_process_settings() -> dict:
+    """torch's process-wide (and main-thread) settings that code under test may change: name -> value."""
+    return {name: get() for name, get, _ in _settings_table()}
+
+
+def restore_torch_process_settings(saved: dict) -> list[str]:
+    """Set every setting that differs from ``saved`` back (in dependency order); returns the names restored.
+
+    Settings that cannot be restored (the inter-op thread count once parallel work has run) raise RuntimeError
+    naming the setting."""
+    restored = []
+    for name, get, set_ in _settings_table():
+        if name in saved and get() != saved[name]:
+            try:
+                set_(saved[name])
+            except RuntimeError as exc:
+                raise RuntimeError(f"a test changed torch's {name} to {get()!r} and it cannot be set back to "
+                                   f"{saved[name]!r}: {exc}") from None
+            restored.append(name)
+    return restored

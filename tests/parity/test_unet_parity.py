@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -102,13 +103,51 @@ def test_feature_vectors_fixture_a(reference_dir):
     torch.testing.assert_close(feats["middle"][:1], t["__debug__.features.middle"], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("key,dim,max_period", [("dim32", 32, 10000), ("dim33", 33, 10000), ("dim128", 128, 10000),
-                                                ("dim16.max_period100", 16, 100)])
+EMBEDDINGS = [("dim32", 32, 10000), ("dim33", 33, 10000), ("dim128", 128, 10000), ("dim16.max_period100", 16, 100)]
+
+
+def _embedding_excess(got, ts, dim: int, max_period: float, ref) -> np.ndarray:
+    """|got - ref| beyond 1e-6 + 4 eps32 |arg| per element (0 where within), arg = t * f_i the sin/cos argument.
+
+    Two float32 implementations of the embedding differ in the frequencies f_i = exp(-ln(P) i / half) (exp
+    within 1 ulp each: up to 2 eps32 |arg| apart in t * f_i), the rounding of the product t * f_i (1 ulp) and
+    the range reduction of sin/cos, which for |arg| ~ 1000 rad costs up to ~ eps32 |arg| in a vectorised float32
+    implementation; sin and cos are 1-Lipschitz, so they differ by <= 4 eps32 |arg| plus the outputs' own ulps
+    (in 1e-6).  |arg| < 1 keeps ~1e-6; at t = 1000 the bound is 5e-4 (an AMD EPYC differed by 1.5e-5).
+    """
+    half = dim // 2
+    arg = np.abs(np.asarray(ts, dtype=np.float64)[:, None] * np.exp(-math.log(max_period) * np.arange(half) / half))
+    arg = np.concatenate([arg, arg] + [np.zeros_like(arg[:, :1])] * (dim % 2), axis=1)  # cos | sin | zero column
+    tol = 1e-6 + 4 * 2.0**-23 * arg
+    return np.maximum(np.abs(np.asarray(got, dtype=np.float64) - ref) - tol, 0)
+
+
+@pytest.mark.parametrize("key,dim,max_period", EMBEDDINGS)
 def test_timestep_embedding(reference_dir, key, dim, max_period):
     ref = np.load(reference_dir / "timestep_embedding.npz")
     ts = torch.from_numpy(ref["timesteps"])
     got = timestep_embedding(ts, dim, max_period)
     assert got.dtype == torch.float32 and got.shape == ref[key].shape
-    np.testing.assert_allclose(got.numpy(), ref[key], atol=1e-6, rtol=0)
+    excess = _embedding_excess(got.numpy(), ref["timesteps"], dim, max_period, ref[key])
+    assert not excess.any(), f"{np.count_nonzero(excess)} of {excess.size} values off, by up to {excess.max()}"
     if dim % 2:
         assert (got[:, -1] == 0).all()
+
+
+@pytest.mark.parametrize("key,dim,max_period", EMBEDDINGS)
+def test_timestep_embedding_tolerance_accepts_exact_maths_and_rejects_bugs(reference_dir, key, dim, max_period):
+    ref = np.load(reference_dir / "timestep_embedding.npz")
+    t, r = ref["timesteps"].astype(np.float64), ref[key]
+    half = dim // 2
+
+    def embed(ts, i, flip=1.0):  # cos | flip * sin of t * f_i in float64, with a zero column for odd dims
+        a = ts[:, None] * np.exp(-math.log(max_period) * i / half)
+        return np.concatenate([np.cos(a), flip * np.sin(a)] + [np.zeros_like(a[:, :1])] * (dim % 2), axis=1)
+
+    # the exact embedding differs from the float32 one by the rounding of the arguments alone (here by up to
+    # 2.4e-4, 0.54 of the tolerance, 16x the AMD mismatch); it must pass ...
+    exact = embed(t, np.arange(half))
+    assert np.abs(exact - r).max() > 1.5e-5 and not _embedding_excess(exact, t, dim, max_period, r).any()
+    # ... and real errors must not: frequencies off by one index, a sign flip, the next timestep
+    for bug in (embed(t, np.arange(1, half + 1)), embed(t, np.arange(half), flip=-1.0), embed(t + 1, np.arange(half))):
+        assert np.count_nonzero(_embedding_excess(bug, t, dim, max_period, r)) > r.size // 5
