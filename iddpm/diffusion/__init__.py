@@ -3,7 +3,8 @@
 Model-agnostic (any ``model(x, t, **model_kwargs)``), numerically identical to OpenAI's ``improved-diffusion``
 (same names, so code written for it ports by changing imports).  Extensions: every random draw can take an
 explicit ``generator=`` (torch.Generator) and the loops accept ``step_noise=`` to substitute the per-step noise
-(see :mod:`iddpm.diffusion.noise`).
+(see :mod:`iddpm.diffusion.noise`).  Few-step solvers (DPM-Solver++, UniPC) over the same model callable:
+:func:`solve` (see :mod:`iddpm.diffusion.solvers`).
 """
 
 from .enums import LossType, ModelMeanType, ModelVarType
@@ -20,6 +21,8 @@ from .resample import (
 )
 from .respace import SpacedDiffusion, space_timesteps
 from .schedules import betas_for_alpha_bar, diffusion_tables, get_named_beta_schedule
+from .solvers import DEFAULT_SCHEDULE, SOLVERS, SolveResult, solve
+from .timesteps import SCHEDULES, solver_timesteps
 
 __all__ = [
     "ModelMeanType",
@@ -43,4 +46,10 @@ __all__ = [
     "mean_flat",
     "NoiseDraws",
     "randn_like",
+    "SOLVERS",
+    "SCHEDULES",
+    "DEFAULT_SCHEDULE",
+    "SolveResult",
+    "solve",
+    "solver_timesteps",
 ]
