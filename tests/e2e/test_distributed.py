@@ -1,6 +1,7 @@
 """torchrun with 2 CPU processes (gloo DDP): ranks stay in sync and match a 1-process run of the same global batch."""
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -43,6 +44,7 @@ def test_two_cpu_processes_match_one(tmp_path):
     assert r1.returncode == 0, r1.stderr[-3000:]
     state = json.loads((d2 / "checkpoints" / "step_00000003" / "state.json").read_text())
     assert state["world_size"] == 2 and len(state["rng"]) == 2
+    assert state["global_batch"] == 8 and state["data"] == {"epoch": 0, "batch": 3}  # 3 global batches of 8
     assert len(state["param_sha1"]) == 2 and state["param_sha1"][0] == state["param_sha1"][1]  # ranks in sync
     assert sorted(p.name for p in (d2 / "checkpoints").iterdir()) == [f"step_0000000{i}" for i in (1, 2, 3)]
     ck1, ck2 = d1 / "checkpoints", d2 / "checkpoints"
@@ -61,6 +63,8 @@ def test_two_cpu_processes_match_one(tmp_path):
     assert close / sum(v.numel() for v in a.values()) > 0.999
     rows1, rows2 = (list(csv.DictReader(io.StringIO((d / "metrics.csv").read_text()))) for d in (d1, d2))
     assert [r["step"] for r in rows1] == [r["step"] for r in rows2] == ["1", "2", "3"]
+    # both ranks together see the global batch once per step (4 examples each), not 8 each
+    assert [float(r["samples"]) for r in rows2] == [float(r["samples"]) for r in rows1] == [8.0, 16.0, 24.0]
     for r1, r2 in zip(rows1, rows2):  # metrics are averaged over both ranks
         for key in ("loss", "mse", "vb", "grad_norm", "samples"):
             assert float(r1[key]) == pytest.approx(float(r2[key]), rel=1e-3), (r1["step"], key)
@@ -73,4 +77,8 @@ def test_batch_must_split_over_ranks():
     assert check_batch(cfg, 2) == cfg.train.batch_size // 2
     with pytest.raises(ConfigError, match="divisible by the 3 processes"):
         check_batch(cfg, 3)
-    assert torch.distributed.is_available()
+    # the torchrun test above: a global batch of 8 is 4 per rank; a microbatch larger than that is refused
+    tiny = cfg.replace(train=dataclasses.replace(cfg.train, batch_size=8, microbatch=4))
+    assert check_batch(tiny, 2) == 4
+    with pytest.raises(ConfigError, match="--microbatch 4: larger than the per-process batch 2"):
+        check_batch(tiny, 4)

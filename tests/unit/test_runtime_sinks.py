@@ -42,11 +42,29 @@ def test_make_sinks(tmp_path):
     assert float(_rows(tmp_path / "metrics.csv")[0]["loss"]) == 0.25
 
 
+def _tb_scalars(log_dir) -> dict:
+    """tag -> [(step, value)] as TensorBoard reads them back (later sessions purge the steps they rewrite)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
 def test_tensorboard_sink_writes_events(tmp_path):
     import pytest
 
     pytest.importorskip("tensorboard")
     sinks = make_sinks(tmp_path, enabled=True, console=False)
     sinks.write(1, {"loss": 0.25})
+    sinks.write(2, {"loss": 0.5, "lr": 1e-3})
     sinks.close()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    f32 = pytest.approx  # TensorBoard stores float32
+    assert _tb_scalars(tmp_path / "tb") == {"loss": [(1, 0.25), (2, 0.5)], "lr": [(2, f32(1e-3, rel=1e-7))]}
+    # a resumed run (from step 1) replaces what the first run logged after its checkpoint, as the CSV does
+    sinks = make_sinks(tmp_path, enabled=True, console=False, resume_step=1)
+    sinks.write(2, {"loss": -1.0})
+    sinks.close()
+    after = _tb_scalars(tmp_path / "tb")
+    assert after["loss"] == [(1, 0.25), (2, -1.0)] and after.get("lr", []) == []
