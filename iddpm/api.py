@@ -1,137 +1,78 @@
-"""The one place that wires the rooms together.
+"""The one wiring hub: ``train``, ``sample``, ``upsample``, ``nll``, ``evaluate`` and ``load_run``.
 
-``build_diffusion`` / ``build_model`` turn a :class:`~iddpm.config.RunConfig` into objects;
-everything else (trainer, samplers, evaluation) receives those objects.
+Every CLI command and ``benchmarks/`` call these functions; nothing below this module imports it.  Settings are
+the typed dataclasses of :mod:`iddpm.config` (``SampleConfig``, ``NLLConfig``, ``EvalConfig``, ``SourceConfig``):
+pass one, or its field names as keywords (``api.sample("runs/digits", num_samples=64, seed=3)``); their field
+defaults are the only defaults.  Under ``torchrun`` sampling and NLL share the work between the processes and
+rank 0 gets the merged result (the other ranks get None).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from iddpm.build import build_diffusion, build_model, build_sampling_diffusion  # noqa: F401 (re-exported)
-from iddpm.config import ConfigError, RunConfig
+from iddpm.build import build_diffusion, build_model, build_sampling_diffusion, with_respacing
+from iddpm.checkpoints.diffusers_bridge import export_pipeline, import_pipeline
+from iddpm.checkpoints.loading import convert_openai, load_trained
+from iddpm.checkpoints.model_file import save_model_file
+from iddpm.checkpoints.run_dir import pick_weights_file, resolve_checkpoint
+from iddpm.config import (
+    ConfigError,
+    EvalConfig,
+    NLLConfig,
+    RunConfig,
+    SampleConfig,
+    SourceConfig,
+    apply_overrides,
+    replace_checked,
+    resolve_train_config,
+)
+from iddpm.eval.evaluate import evaluate as evaluate_sets
+from iddpm.eval.nll import NLLResult, compute_nll_share, merge_nll_shares, nll_loader, save_nll
+from iddpm.models import optimize
+from iddpm.runtime.atomic import atomic_write_text
+from iddpm.runtime.distributed import distributed_context, resolve_device
+from iddpm.sample import SampleResult, gather_results, generate, load_npz
+from iddpm.sample import upsample as upsample_images
+from iddpm.sample.folder import write_sample_folder
+from iddpm.train.app import load_saved_run_config
+from iddpm.train.app import train as train_run
+from iddpm.train.trainer import TrainResult
+
+__all__ = ["load_run", "sample", "upsample", "nll", "evaluate", "train", "train_config", "convert_openai",
+           "export_diffusers", "import_diffusers", "build_model", "build_diffusion", "resolve_checkpoint",
+           "pick_weights_file"]
+
+Log = Callable[[str], None] | None
+
+
+def _split_settings(what: str, kwargs: dict[str, Any], *sections: tuple[type, Any]) -> list[Any]:
+    """Apply keyword settings to the given ``(dataclass, instance or None)`` sections; unknown names -> error."""
+    out, left = [], dict(kwargs)
+    for cls, given in sections:
+        names = {f.name for f in dataclasses.fields(cls)}
+        mine = {k: left.pop(k) for k in list(left) if k in names}
+        out.append(replace_checked(given or cls(), mine, what))
+    if left:
+        raise ConfigError(f"{what}: unknown setting {sorted(left)[0]!r}")
+    return out
+
 
 # --------------------------------------------------------------------------------------------
 # Loading a trained model: run directory, checkpoint folder, model file, or the original's .pt
 # --------------------------------------------------------------------------------------------
-_RUN_HINT = "give a run directory, a checkpoint folder, a .safetensors model file, or an improved-diffusion .pt"
-
-
-def _latest_step_folder(run_dir: Path) -> Path:
-    ckpts = run_dir / "checkpoints"
-    steps = sorted(
-        (p for p in ckpts.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()),
-        key=lambda p: int(p.name[5:]),
-    ) if ckpts.is_dir() else []
-    if not steps:
-        raise ConfigError(f"--run {run_dir}: no checkpoints yet (nothing in {ckpts}); train longer or pick a file")
-    return steps[-1]
-
-
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A run directory (-> its latest ``checkpoints/step_*`` folder), a step folder or a file -> that path.
-
-    Uses :func:`iddpm.checkpoints.run_dir.find_checkpoint` when available (same layout).
-    """
-    p = Path(os.path.expanduser(str(path)))
-    if not p.exists():
-        raise ConfigError(f"--run {path}: no such file or directory; {_RUN_HINT}")
-    if p.is_file():
-        return p
-    try:
-        from iddpm.checkpoints.run_dir import find_checkpoint
-    except ImportError:
-        find_checkpoint = None
-    if find_checkpoint is not None:
-        return Path(find_checkpoint(p))
-    if (p / "checkpoints").is_dir() or (p / "config.json").is_file():
-        return _latest_step_folder(p)
-    return p
-
-
-def _ema_files(folder: Path) -> dict[float, Path]:
-    out = {}
-    for f in folder.glob("ema_*.safetensors"):
-        try:
-            out[float(f.name[len("ema_"):-len(".safetensors")])] = f
-        except ValueError:
-            continue
-    return out
-
-
-def _configured_ema_rates(model_file: Path) -> tuple[float, ...]:
-    """The ``--ema_rate`` list recorded in a model file's config (header only; () when unreadable)."""
-    import json
-
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(model_file), framework="pt") as f:
-            meta = f.metadata() or {}
-        return RunConfig.from_dict(json.loads(meta["iddpm_config"])).train.ema_rates
-    except Exception:  # not an iddpm file / no config: fall back to the largest rate
-        return ()
-
-
-def pick_weights_file(folder: Path, use_ema: bool = True, ema_rate: float | str | None = None) -> Path:
-    """The weights file of a checkpoint folder: ``ema_<rate>.safetensors`` (EMA, default) or ``model.safetensors``.
-
-    ``ema_rate`` None picks the only EMA file; with several, the first rate of the run's ``--ema_rate`` list
-    (read from the checkpoint's config), else the largest rate.
-    """
-    if not use_ema:
-        f = folder / "model.safetensors"
-        if not f.is_file():
-            raise ConfigError(f"--run {folder}: no model.safetensors in this checkpoint folder; {_RUN_HINT}")
-        return f
-    emas = _ema_files(folder)
-    if not emas:
-        if (folder / "model.safetensors").is_file():
-            raise ConfigError(f"--run {folder}: no EMA weights (ema_*.safetensors) here; pass --no_ema for the raw "
-                              "weights")
-        raise ConfigError(f"--run {folder}: no model weights (model.safetensors / ema_*.safetensors); {_RUN_HINT}")
-    if ema_rate is None:
-        if len(emas) == 1:
-            return next(iter(emas.values()))
-        for r in _configured_ema_rates(next(iter(emas.values()))):
-            for have, f in emas.items():
-                if abs(have - r) < 1e-12:
-                    return f
-        return emas[max(emas)]
-    rate = float(ema_rate)
-    for r, f in emas.items():
-        if abs(r - rate) < 1e-12:
-            return f
-    have = ", ".join(str(r) for r in sorted(emas, reverse=True))
-    raise ConfigError(f"--ema_rate {ema_rate}: no ema_{ema_rate}.safetensors in {folder}; available rates: {have}")
-
-
-def _apply_diffusion_overrides(cfg: RunConfig, overrides: dict[str, Any] | None, source: str) -> RunConfig:
-    from iddpm.config import apply_overrides, section_of
-
-    if not overrides:
-        return cfg
-    bad = [k for k in overrides if section_of(k) == "model"]
-    if bad:
-        raise ConfigError(f"--{bad[0]}: {source} stores its model settings; drop the flag (it cannot change the "
-                          "network of a trained checkpoint)")
-    return apply_overrides(cfg, dict(overrides), source="flags").validate()
-
-
-def load_run(
-    path: str | os.PathLike,
-    *,
-    use_ema: bool = True,
-    ema_rate: float | str | None = None,
-    preset: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    device: str | torch.device = "cpu",
-    timestep_respacing: str | None = None,
-):
+def load_run(path: str | os.PathLike, *, use_ema: bool = True, ema_rate: float | str | None = None,
+             preset: str | None = None, overrides: dict[str, Any] | None = None, device: str | torch.device = "auto",
+             timestep_respacing: str | None = None):
     """Load a trained model and its diffusion: ``(model in eval mode on device, diffusion, RunConfig)``.
 
     path: a run directory (its latest checkpoint), a ``checkpoints/step_*`` folder, one of iddpm's
@@ -144,121 +85,99 @@ def load_run(
     timestep_respacing: sampling respacing (``"50"``, ``"ddim25"``, ``"10,15,20"``); None keeps the config's.
         The returned config records it (``cfg.diffusion.timestep_respacing``).
     """
-    from iddpm.config import apply_overrides
-    from iddpm.config import preset as preset_config
-
-    file = resolve_checkpoint(path)
-    if file.is_file() and file.suffix == ".pt":
-        if not preset and not overrides:
-            from iddpm.checkpoints.openai import guess_preset
-
-            preset = guess_preset(file)  # only the exact file names of the released checkpoints
-            if preset is None:
-                raise ConfigError(f"--run {path}: the original's .pt checkpoints carry no settings; add --preset NAME "
-                                  "(see `iddpm presets`) or the model/diffusion flags")
-        cfg = preset_config(preset) if preset else RunConfig()
-        if overrides:
-            cfg = apply_overrides(cfg, dict(overrides), source="flags")
-        cfg = cfg.validate()
-        model = _load_openai(file, cfg)
-    else:
-        if preset:
-            raise ConfigError(f"--preset {preset}: only for the original's .pt checkpoints; {path} carries its own "
-                              "settings (drop --preset)")
-        if file.is_dir():
-            file = pick_weights_file(file, use_ema, ema_rate)
-        elif file.suffix != ".safetensors":
-            raise ConfigError(f"--run {path}: unknown checkpoint type {file.suffix!r}; {_RUN_HINT}")
-        from iddpm.checkpoints.model_file import load_model_file
-
-        model, cfg = load_model_file(file, device="cpu")
-        cfg = _apply_diffusion_overrides(cfg, overrides, str(file))
-    diffusion = build_sampling_diffusion(cfg, timestep_respacing)
-    if timestep_respacing is not None:  # the returned config describes the returned diffusion
-        import dataclasses
-
-        cfg = cfg.replace(diffusion=dataclasses.replace(cfg.diffusion, timestep_respacing=str(timestep_respacing)))
-    model = model.to(device).eval()
+    source = SourceConfig(run=os.fspath(path), preset=preset or "", use_ema=use_ema,
+                          ema_rate="" if ema_rate is None else str(ema_rate), device=str(device), fast=False)
+    model, diffusion, cfg, _ = load_trained(source, overrides, timestep_respacing)
     return model, diffusion, cfg
 
 
-def _load_openai(file: Path, cfg: RunConfig):
-    """Build the model of ``cfg`` and load an improved-diffusion ``.pt`` state_dict into it (strict)."""
-    from iddpm.checkpoints.openai import load_openai_checkpoint
-
-    state_dict = load_openai_checkpoint(file, cfg)  # checked against cfg's model: one-line error on mismatch
-    with torch.device("meta"):
-        model = build_model(cfg)
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model.eval()
-
-
-# --------------------------------------------------------------------------------------------
-# Notebook API: sample / upsample / nll / evaluate
-# --------------------------------------------------------------------------------------------
-def _fast(model, fast: bool):
-    if not fast:
-        return model
-    from iddpm.models import optimize
-
-    return optimize(model, mode="sample")
-
-
-def _objects(what: str, run, model, diffusion, cfg, timestep_respacing, load_kwargs: dict):
-    """(model, diffusion, cfg) from ``run`` (via :func:`load_run`) or from the given objects."""
-    if run is not None:
-        return load_run(run, timestep_respacing=timestep_respacing, **load_kwargs)
+def _objects(what: str, run, model, diffusion, cfg, source: SourceConfig, overrides, timestep_respacing,
+             device: torch.device, log: Log, what_steps: str = "timesteps"):
+    """(model, diffusion, cfg, weights) from ``run`` or from the given objects; the model on ``device``.
+    ``log`` gets one line saying what was loaded (``what_steps``: how to call the diffusion's steps)."""
+    if run is not None or source.run:
+        source = dataclasses.replace(source, run=os.fspath(run)) if run is not None else source
+        model, diffusion, cfg, file = load_trained(source, overrides, timestep_respacing, device)
+        if log:
+            label = str(file)
+            if file.suffix == ".pt":
+                label += f" (preset {cfg.preset})" if cfg.preset else " (settings from flags)"
+            log(f"loaded {label} on {device}; {diffusion.num_timesteps} {what_steps}")
+        return model, diffusion, cfg, file
     if model is None or diffusion is None:
         raise ConfigError(f"{what}: pass a run (directory / checkpoint) or both model= and diffusion=")
     if timestep_respacing is not None:
         if cfg is None:
             raise ConfigError(f"{what}: timestep_respacing needs cfg= (or pass a respaced diffusion)")
         diffusion = build_sampling_diffusion(cfg, timestep_respacing)
-    return model, diffusion, cfg
+        cfg = with_respacing(cfg, timestep_respacing)
+    return model, diffusion, cfg, None
 
 
-def sample(
-    run: str | os.PathLike | None = None,
-    *,
-    model=None,
-    diffusion=None,
-    cfg: RunConfig | None = None,
-    num_samples: int = 16,
-    batch_size: int | None = None,
-    seed: int = 0,
-    timestep_respacing: str | None = None,
-    use_ddim: bool = False,
-    eta: float = 0.0,
-    clip_denoised: bool = True,
-    classes=None,
-    use_ema: bool = True,
-    ema_rate: float | str | None = None,
-    preset: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    device: str | torch.device = "cpu",
-    fast: bool = True,
-    progress: bool = False,
-    return_trajectory: bool = False,
-    image_shape: tuple[int, int, int] | None = None,
-    num_classes: int | None = None,
-    x_T=None,
-    return_float: bool = False,
-):
+def _device(spec: str, model) -> torch.device:
+    """``--device``; ``auto`` with a given model means the model's own device."""
+    if spec == "auto" and model is not None and callable(getattr(model, "parameters", None)):
+        for p in model.parameters():
+            return p.device
+    return resolve_device(spec)
+
+
+# --------------------------------------------------------------------------------------------
+# sample / upsample
+# --------------------------------------------------------------------------------------------
+def sample(run: str | os.PathLike | None = None, settings: SampleConfig | None = None, *, model=None,
+           diffusion=None, cfg: RunConfig | None = None, source: SourceConfig | None = None,
+           overrides: dict[str, Any] | None = None, timestep_respacing: str | None = None, classes=None,
+           image_shape: tuple[int, int, int] | None = None, num_classes: int | None = None, x_T=None,
+           return_float: bool = False, return_trajectory: bool = False, progress: bool = False, save: bool = False,
+           log: Log = None, **kwargs: Any) -> SampleResult | None:
     """Generate images: ``iddpm.api.sample("runs/digits", num_samples=64).images`` -> uint8 (N, H, W, C).
 
-    Either ``run`` (anything :func:`load_run` accepts) or ``model`` + ``diffusion`` (+ ``cfg`` or
-    ``image_shape`` / ``num_classes``).  ``timestep_respacing`` (e.g. ``"ddim25"`` with ``use_ddim=True``)
-    rebuilds the diffusion from the config.  ``classes``: None (random), an int, ``"balanced"`` or a list.
-    The same ``seed`` gives the same images whatever ``batch_size``.  Returns
-    :class:`iddpm.sample.SampleResult` (``images``, ``labels``, optional ``trajectory`` / ``samples``).
+    Either ``run`` (anything :func:`load_run` accepts) or ``model`` + ``diffusion`` (+ ``cfg`` or ``image_shape``
+    / ``num_classes``).  ``kwargs``: fields of :class:`~iddpm.config.SampleConfig` (num_samples, batch_size,
+    seed, use_ddim, eta, clip_denoised, ...) and :class:`~iddpm.config.SourceConfig` (use_ema, ema_rate, preset,
+    device, fast).  ``timestep_respacing`` (e.g. ``"ddim25"`` with ``use_ddim=True``) rebuilds the diffusion from
+    the config.  ``classes``: None (``settings.classes``), an int, ``"balanced"`` or a list of labels.  The same
+    ``seed`` gives the same images whatever ``batch_size`` (and number of processes).  ``save=True`` writes
+    ``settings.out`` (npz, grid, sample_info.json).  Returns :class:`iddpm.sample.SampleResult` (None off rank 0).
     """
-    from iddpm.sample import generate
+    if isinstance(kwargs.get("ema_rate"), float):
+        kwargs["ema_rate"] = str(kwargs["ema_rate"])
+    if isinstance(classes, (str, int)) and not isinstance(classes, bool):  # a SampleConfig.classes spelling
+        kwargs["classes"], classes = str(classes), None
+    settings, source = _split_settings("sample", kwargs, (SampleConfig, settings), (SourceConfig, source))
+    settings = settings.validate()
+    labels = settings.class_spec() if classes is None else classes
+    with distributed_context(source.device if model is None else "cpu") as ctx:
+        device = ctx.device if model is None else _device(source.device, model)
+        model, diffusion, cfg, weights = _objects("sample", run, model, diffusion, cfg, source, overrides,
+                                                  timestep_respacing, device, log if ctx.is_main else None,
+                                                  _steps_kind(settings))
+        shape, num_classes = _sample_shape(cfg, image_shape, num_classes, x_T)
+        start = time.perf_counter()
+        part = generate(
+            optimize(model, "sample") if source.fast else model, diffusion, num_samples=settings.num_samples,
+            batch_size=settings.batch_size, image_shape=shape, seed=settings.seed, use_ddim=settings.use_ddim,
+            eta=settings.eta, clip_denoised=settings.clip_denoised, classes=labels, num_classes=num_classes,
+            device=device, progress=progress and ctx.is_main, rank=ctx.rank, world_size=ctx.world_size,
+            return_trajectory=return_trajectory or bool(settings.trajectory), return_float=return_float, x_T=x_T)
+        parts = ctx.all_gather_object(part)
+    if not ctx.is_main:
+        return None
+    result = gather_results(parts)
+    return _finish(result, settings, source, cfg, diffusion, weights, time.perf_counter() - start, save,
+                   classes=labels)
 
-    model, diffusion, cfg = _objects("sample", run, model, diffusion, cfg, timestep_respacing, dict(
-        use_ema=use_ema, ema_rate=ema_rate, preset=preset, overrides=overrides, device=device))
+
+def _steps_kind(settings: SampleConfig) -> str:
+    return f"sampling steps ({f'DDIM eta={settings.eta}' if settings.use_ddim else 'ancestral'})"
+
+
+def _sample_shape(cfg, image_shape, num_classes, x_T):
     if cfg is not None:
         if cfg.model.super_res:
-            raise ConfigError("sample: this is a super-resolution model; use iddpm.api.upsample / `iddpm upsample`")
+            raise ConfigError("sample: a super-resolution model; use `iddpm upsample --base_samples FILE.npz` "
+                              "(iddpm.api.upsample)")
         image_shape = image_shape or (cfg.model.in_channels, cfg.model.image_size, cfg.model.image_size)
         if num_classes is None and cfg.model.class_cond:
             num_classes = cfg.model.num_classes
@@ -266,123 +185,232 @@ def sample(
         if x_T is None:
             raise ConfigError("sample: pass cfg= or image_shape=(C, H, W) with a bare model")
         image_shape = tuple(x_T.shape[1:])
-    return generate(
-        _fast(model, fast), diffusion, num_samples=num_samples, batch_size=batch_size or num_samples,
-        image_shape=image_shape, seed=seed, use_ddim=use_ddim, eta=eta, clip_denoised=clip_denoised,
-        classes=classes, num_classes=num_classes, device=device, progress=progress,
-        return_trajectory=return_trajectory, return_float=return_float, x_T=x_T,
-    )
+    return image_shape, num_classes
 
 
-def upsample(
-    run: str | os.PathLike,
-    base_samples,
-    *,
-    batch_size: int = 16,
-    seed: int = 0,
-    timestep_respacing: str | None = None,
-    use_ddim: bool = False,
-    eta: float = 0.0,
-    clip_denoised: bool = True,
-    use_ema: bool = True,
-    ema_rate: float | str | None = None,
-    preset: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    device: str | torch.device = "cpu",
-    fast: bool = True,
-    progress: bool = False,
-    return_trajectory: bool = False,
-):
+def _finish(result: SampleResult, settings: SampleConfig, source: SourceConfig, cfg, diffusion, weights,
+            seconds: float, save: bool, **extra: Any) -> SampleResult:
+    """Attach timing and the settings used (``sample_info.json``); write the output folder when ``save``."""
+    result.seconds = seconds
+    result.info = {
+        "run": source.run, "weights": None if weights is None else str(weights), "use_ema": bool(source.use_ema),
+        "num_samples": int(result.images.shape[0]), "batch_size": settings.batch_size, "seed": settings.seed,
+        "timestep_respacing": cfg.diffusion.timestep_respacing if cfg is not None else None,
+        "num_sampling_steps": int(diffusion.num_timesteps), "use_ddim": bool(settings.use_ddim),
+        "eta": settings.eta, "clip_denoised": bool(settings.clip_denoised), "seconds": round(seconds, 3),
+        "config": cfg.to_dict() if cfg is not None else None,
+        **{k: (v if isinstance(v, (int, str, type(None))) else "given") for k, v in extra.items()},
+    }
+    if save:
+        result.files = write_sample_folder(result, settings.out, grid_size=settings.grid_size,
+                                           save_png_files=settings.save_pngs, trajectory=settings.trajectory,
+                                           info=result.info)
+    return result
+
+
+def upsample(run: str | os.PathLike, base_samples, settings: SampleConfig | None = None, *,
+             source: SourceConfig | None = None, overrides: dict[str, Any] | None = None,
+             timestep_respacing: str | None = None, return_trajectory: bool = False, progress: bool = False,
+             save: bool = False, log: Log = None, **kwargs: Any) -> SampleResult | None:
     """Super-resolve base samples with a super-res run/checkpoint (the original's ``super_res_sample.py``).
 
     base_samples: a samples ``.npz`` path (arr_0 uint8 NHWC, arr_1 labels) or a uint8 (N, h, w, C) array
-    (or an ``(images, labels)`` pair).  Returns :class:`iddpm.sample.SampleResult` at the large size.
+    (or an ``(images, labels)`` pair).  ``settings.num_samples`` > 0 keeps only the first N (0 = all; the
+    default for upsampling is all of them unless given).  Other settings as :func:`sample`.  Returns
+    :class:`iddpm.sample.SampleResult` at the large size (None off rank 0).
     """
-    import numpy as np
+    kwargs.setdefault("num_samples", 0)
+    settings, source = _split_settings("upsample", kwargs, (SampleConfig, settings), (SourceConfig, source))
+    settings = settings.validate(upsample=True)
+    flag = f"--base_samples {base_samples}" if isinstance(base_samples, (str, os.PathLike)) else "--base_samples"
+    images, labels = _base_images(base_samples)
+    if settings.num_samples:
+        images, labels = images[: settings.num_samples], None if labels is None else labels[: settings.num_samples]
+    with distributed_context(source.device) as ctx:
+        model, diffusion, cfg, weights = _objects("upsample", run, None, None, None, source, overrides,
+                                                  timestep_respacing, ctx.device, log if ctx.is_main else None,
+                                                  _steps_kind(settings))
+        m = _check_superres(cfg, images, labels, flag, run)
+        start = time.perf_counter()
+        part = upsample_images(
+            optimize(model, "sample") if source.fast else model, diffusion, images, large_size=m.image_size,
+            base_labels=labels, class_cond=m.class_cond, num_classes=m.num_classes if m.class_cond else None,
+            batch_size=settings.batch_size, seed=settings.seed, use_ddim=settings.use_ddim, eta=settings.eta,
+            clip_denoised=settings.clip_denoised, device=ctx.device, progress=progress and ctx.is_main,
+            return_trajectory=return_trajectory or bool(settings.trajectory), rank=ctx.rank,
+            world_size=ctx.world_size)
+        parts = ctx.all_gather_object(part)
+    if not ctx.is_main:
+        return None
+    return _finish(gather_results(parts), settings, source, cfg, diffusion, weights, time.perf_counter() - start,
+                   save, base_samples=str(base_samples) if isinstance(base_samples, (str, os.PathLike)) else None)
 
-    from iddpm.sample import load_npz
-    from iddpm.sample import upsample as sr_upsample
 
+def _base_images(base_samples) -> tuple[np.ndarray, np.ndarray | None]:
     if isinstance(base_samples, (str, os.PathLike)):
-        images, labels = load_npz(base_samples)
-    elif isinstance(base_samples, tuple):
-        images, labels = base_samples
-    else:
-        images, labels = np.asarray(base_samples), None
-    model, diffusion, cfg = load_run(run, use_ema=use_ema, ema_rate=ema_rate, preset=preset, overrides=overrides,
-                                     device=device, timestep_respacing=timestep_respacing)
+        return load_npz(base_samples)
+    if isinstance(base_samples, tuple):
+        return np.asarray(base_samples[0]), base_samples[1]
+    return np.asarray(base_samples), None
+
+
+def _check_superres(cfg: RunConfig, images: np.ndarray, labels, flag: str, run):
     m = cfg.model
     if not m.super_res:
-        raise ConfigError(f"--run {run}: not a super-resolution model (no small_size); use `iddpm sample`")
-    if images.shape[1:3] != (m.small_size, m.small_size) or images.shape[-1] != m.in_channels:
-        raise ConfigError(f"--base_samples: images are {images.shape[1]}x{images.shape[2]}x{images.shape[3]}, "
-                          f"the model upsamples {m.small_size}x{m.small_size}x{m.in_channels}")
-    return sr_upsample(
-        _fast(model, fast), diffusion, images, large_size=m.image_size, base_labels=labels,
-        class_cond=m.class_cond, num_classes=m.num_classes if m.class_cond else None, batch_size=batch_size,
-        seed=seed, use_ddim=use_ddim, eta=eta, clip_denoised=clip_denoised, device=device, progress=progress,
-        return_trajectory=return_trajectory,
-    )
+        raise ConfigError(f"--run {run}: not a super-resolution model (trained without --small_size); "
+                          "use `iddpm sample`")
+    if images.ndim != 4 or images.shape[1:] != (m.small_size, m.small_size, m.in_channels):
+        shape = "x".join(str(s) for s in images.shape[1:])
+        raise ConfigError(f"{flag}: images are {shape}, the model upsamples "
+                          f"{m.small_size}x{m.small_size}x{m.in_channels}")
+    if m.class_cond and labels is not None and labels.size and labels.max() >= m.num_classes:
+        raise ConfigError(f"{flag}: label {int(labels.max())} is out of range for a model with {m.num_classes} "
+                          "classes")
+    return m
 
 
-def nll(
-    run: str | os.PathLike | None = None,
-    *,
-    model=None,
-    diffusion=None,
-    cfg: RunConfig | None = None,
-    data_dir: str | None = None,
-    split: str = "test",
-    batch_size: int = 64,
-    num_examples: int | None = None,
-    timestep_respacing: str | None = None,
-    clip_denoised: bool = True,
-    seed: int = 0,
-    use_ema: bool = True,
-    ema_rate: float | str | None = None,
-    preset: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    device: str | torch.device = "cpu",
-    fast: bool = True,
-    progress: bool = False,
-    data=None,
-):
+# --------------------------------------------------------------------------------------------
+# nll / evaluate
+# --------------------------------------------------------------------------------------------
+def nll(run: str | os.PathLike | None = None, settings: NLLConfig | None = None, *, model=None, diffusion=None,
+        cfg: RunConfig | None = None, source: SourceConfig | None = None, overrides: dict[str, Any] | None = None,
+        timestep_respacing: str | None = None, data=None, progress: bool = False, save: bool = False,
+        log: Log = None, **kwargs: Any) -> NLLResult | None:
     """Bits/dim of a dataset under a trained model (``calc_bpd_loop``), with the per-timestep breakdown.
 
-    Data: ``data`` (an iterable of ``(x, cond)`` batches) or the dataset of ``data_dir`` (default: the run's
-    data setting -- the bundled digits' ``split`` for digits runs).  Returns :class:`iddpm.eval.nll.NLLResult`.
+    Data: ``data`` (an iterable of ``(x, cond)`` batches) or the dataset of ``settings.data_dir`` (default: the
+    run's data -- the bundled digits' ``split`` for digits runs).  ``kwargs``: fields of
+    :class:`~iddpm.config.NLLConfig` / :class:`~iddpm.config.SourceConfig`.  ``save=True`` writes ``settings.out``.
+    Under ``torchrun`` each process evaluates every world_size-th batch.  Returns
+    :class:`iddpm.eval.nll.NLLResult` (None off rank 0).
     """
-    from iddpm.eval.nll import compute_nll
-
+    if kwargs.get("num_examples") is None:
+        kwargs.pop("num_examples", None)
+    settings, source = _split_settings("nll", kwargs, (NLLConfig, settings), (SourceConfig, source))
+    settings = settings.validate()
     if run is None and cfg is None and data is None:
         raise ConfigError("nll: with model= and diffusion=, pass cfg= (to find the data) or data=")
-    model, diffusion, cfg = _objects("nll", run, model, diffusion, cfg, timestep_respacing, dict(
-        use_ema=use_ema, ema_rate=ema_rate, preset=preset, overrides=overrides, device=device))
-    use_labels = bool(cfg.model.class_cond) if cfg is not None else True
-    if data is None:
-        data = nll_loader(cfg, data_dir=data_dir, split=split, batch_size=batch_size)
-    return compute_nll(_fast(model, fast), diffusion, data, clip_denoised=clip_denoised, device=device,
-                       progress=progress, seed=seed, max_examples=num_examples, use_labels=use_labels)
+    with distributed_context(source.device if model is None else "cpu") as ctx:
+        device = ctx.device if model is None else _device(source.device, model)
+        say = log if ctx.is_main else None
+        model, diffusion, cfg, _ = _objects("nll", run, model, diffusion, cfg, source, overrides,
+                                            timestep_respacing, device, say)
+        if cfg is not None and cfg.model.super_res:
+            raise ConfigError(f"--run {run}: NLL of super-resolution models is not supported (needs low_res inputs)")
+        if data is None:
+            data = _nll_data(cfg, settings, say)
+        start = time.perf_counter()
+        share = compute_nll_share(optimize(model, "sample") if source.fast else model, diffusion, data,
+                                  clip_denoised=settings.clip_denoised, device=device,
+                                  progress=progress and ctx.is_main, seed=settings.seed,
+                                  max_examples=settings.num_examples or None,
+                                  use_labels=bool(cfg.model.class_cond) if cfg is not None else True,
+                                  rank=ctx.rank, world_size=ctx.world_size)
+        shares = ctx.all_gather_object(share)
+    if not ctx.is_main:
+        return None
+    result = merge_nll_shares(shares, diffusion)
+    result.seconds, result.num_processes = time.perf_counter() - start, ctx.world_size
+    if settings.num_examples > result.num_examples and say:
+        say(f"--num_examples {settings.num_examples}: the data has only {result.num_examples} examples; used all")
+    if save:
+        save_nll(result, settings.out)
+    return result
 
 
-def nll_loader(cfg: RunConfig, *, data_dir: str | None = None, split: str = "test", batch_size: int = 64):
-    """Ordered batches (no shuffle, no flips, last batch kept) of the evaluation data for ``cfg``'s model."""
-    import dataclasses
-
-    from iddpm.data import load_dataset, make_loader
-
-    dcfg = dataclasses.replace(cfg.data, random_flip=False)
-    if data_dir is not None:
-        dcfg = dataclasses.replace(dcfg, data_dir=data_dir)
-    ds = load_dataset(dcfg, cfg.model.image_size, cfg.model.in_channels, split=split,
-                      with_labels=cfg.model.class_cond)
-    return make_loader(ds, batch_size, shuffle=False, seed=0, drop_last=False)
+def _nll_data(cfg: RunConfig, settings: NLLConfig, log: Log):
+    source = settings.data_dir or cfg.data.data_dir or "digits"
+    if log and source in ("", "digits"):
+        log(f"data: bundled digits, {settings.split} split")
+    elif log:
+        log(f"data: {source}" + ("" if settings.data_dir else " (the run's training data; pass --data_dir for "
+                                                              "held-out images)"))
+    return nll_loader(cfg, data_dir=settings.data_dir or None, split=settings.split, batch_size=settings.batch_size)
 
 
-def evaluate(samples, reference, **kwargs):
-    """FID / KID / IS / precision-recall between ``samples`` and ``reference`` (see :mod:`iddpm.eval.evaluate`)."""
-    try:
-        from iddpm.eval.evaluate import evaluate as _evaluate
-    except ImportError as exc:  # pragma: no cover - only while the metrics module is absent
-        raise ConfigError(f"evaluate: the metrics module is not available ({exc})") from None
-    return _evaluate(samples, reference, **kwargs)
+def evaluate(samples, reference, settings: EvalConfig | None = None, *, progress: bool = False,
+             json_out: str | os.PathLike | None = None, **kwargs: Any) -> dict[str, Any]:
+    """FID / KID / IS / precision-recall between ``samples`` and ``reference`` (see :mod:`iddpm.eval.evaluate`).
+
+    ``kwargs``: fields of :class:`~iddpm.config.EvalConfig` (``extractor`` may be an extractor object,
+    ``metrics`` a tuple).  ``json_out``: also write the result there (atomically).
+    """
+    result = evaluate_sets(samples, reference, settings, progress=progress, **kwargs)
+    if json_out:
+        atomic_write_text(json_out, json.dumps(result, indent=2, sort_keys=True) + "\n")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+def train_config(settings: dict[str, Any] | None = None, *, preset_name: str = "",
+                 config_file: str | os.PathLike | None = None) -> RunConfig:
+    """The RunConfig of a training invocation: defaults -> preset -> config file -> ``settings`` (flat flags).
+
+    No data and no preset: the ``digits`` preset.  ``resume=True``: the run directory's ``config.json`` is the base
+    (the settings still override it; model settings that differ are refused at start);
+    ``resume_checkpoint=FILE``: that checkpoint's own config is.
+    """
+    cfg = resolve_train_config(settings, preset_name=preset_name, config_file=config_file, embedded_default=True)
+    base = load_saved_run_config(cfg)
+    if base is not None:
+        cfg = resolve_train_config(settings, preset_name=preset_name, config_file=config_file, base=base)
+    return cfg
+
+
+def train(cfg: RunConfig | None = None, *, progress: bool = True, preset_name: str = "",
+          config_file: str | os.PathLike | None = None, **settings: Any) -> TrainResult:
+    """Train (or continue) a run: ``iddpm.api.train(max_minutes=5, run_dir="runs/digits")`` trains the digits preset.
+
+    ``cfg``: a full RunConfig (e.g. ``preset("cifar-small")``); otherwise ``settings`` are flat training flags
+    resolved by :func:`train_config`.  Returns :class:`~iddpm.train.trainer.TrainResult` (step, stop reason,
+    images/s, last checkpoint).
+    """
+    if cfg is None:
+        cfg = train_config(settings, preset_name=preset_name, config_file=config_file)
+    elif settings:
+        cfg = apply_overrides(cfg, settings, source="train").validate()
+    return train_run(cfg, progress=progress)
+
+
+# --------------------------------------------------------------------------------------------
+# diffusers bridge
+# --------------------------------------------------------------------------------------------
+def _run_card(run: str | os.PathLike, use_ema: bool, ema_rate) -> dict[str, Any]:
+    """Model-card numbers of a run: the weights used and ``RUN_DIR/nll.json`` (``iddpm nll`` / demo) when present."""
+    card: dict[str, Any] = {"weights": (f"EMA {ema_rate}" if ema_rate is not None else "EMA") if use_ema else "raw"}
+    p = Path(run)
+    run_dir = p.parent if p.is_file() else p
+    if run_dir.parent.name == "checkpoints":  # a checkpoints/step_* folder (or a file inside one)
+        run_dir = run_dir.parent.parent
+    nll_file = run_dir / "nll.json"
+    if nll_file.is_file():
+        try:
+            summary = json.loads(nll_file.read_text(encoding="utf-8"))
+            card["NLL (bits/dim)"] = f"{float(summary['bpd']):.4f} +- {float(summary['bpd_stderr']):.4f} " \
+                                     f"({int(summary['num_examples'])} examples, {nll_file.name})"
+        except (ValueError, KeyError, TypeError):  # not an iddpm nll summary: leave it out of the card
+            pass
+    return card
+
+
+def export_diffusers(run: str | os.PathLike, out: str | os.PathLike, *, use_ema: bool = True,
+                     ema_rate: float | str | None = None):
+    """Export a trained model as a diffusers ``DDPMPipeline`` folder at ``out`` (new or empty); returns its Path.
+
+    ``run``: anything :func:`load_run` accepts; EMA weights by default.  The model card lists the run's NLL from
+    ``RUN_DIR/nll.json`` when present.  Models ``UNet2DModel`` cannot express exactly raise a one-line ConfigError.
+    """
+    model, _, cfg = load_run(run, use_ema=use_ema, ema_rate=ema_rate, device="cpu")
+    return export_pipeline(model.state_dict(), cfg, out, card=_run_card(run, use_ema, ema_rate))
+
+
+def import_diffusers(folder: str | os.PathLike, out: str | os.PathLike):
+    """Convert a diffusers pipeline folder (UNet2DModel + DDPMScheduler) into an iddpm model file ``out``.
+
+    The file (weights + full RunConfig) works with ``iddpm sample / nll --run out``; returns its Path.
+    """
+    state_dict, cfg = import_pipeline(folder)
+    return save_model_file(out, state_dict, cfg, extra_metadata={"source": str(folder),
+                                                                 "converted_by": "iddpm import diffusers"})

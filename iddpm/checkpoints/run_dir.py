@@ -25,7 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
+from iddpm.checkpoints.model_file import read_model_file, save_model_file
 from iddpm.config import ConfigError, RunConfig
 from iddpm.runtime.atomic import atomic_directory, atomic_save_safetensors, atomic_write_text
 
@@ -87,6 +90,73 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         raise ConfigError(f"{path}: no checkpoints found (expected {run / CHECKPOINTS}/step_XXXXXXXX/"
                           "model.safetensors)")
     return found[-1][1]
+
+
+RUN_HINT = "give a run directory, a checkpoint folder, a .safetensors model file, or an improved-diffusion .pt"
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """What ``--run PATH`` names: a file (returned as is: ``.safetensors`` or the original's ``.pt``) or a folder
+    (a run directory -> its latest ``checkpoints/step_*`` folder; a step folder as is).  One-line errors."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        raise ConfigError(f"--run {path}: no such file or directory; {RUN_HINT}")
+    return p if p.is_file() else find_checkpoint(p)
+
+
+def ema_files(folder: str | os.PathLike) -> dict[float, Path]:
+    """``{rate: path}`` of a checkpoint folder's ``ema_<rate>.safetensors`` files."""
+    out = {}
+    for f in Path(folder).glob("ema_*.safetensors"):
+        try:
+            out[float(f.name[len("ema_"):-len(".safetensors")])] = f
+        except ValueError:
+            continue
+    return out
+
+
+def _configured_ema_rates(model_file: Path) -> tuple[float, ...]:
+    """The ``--ema_rate`` list recorded in a model file's config (header only; () when unreadable)."""
+    try:
+        with safe_open(str(model_file), framework="pt") as f:
+            meta = f.metadata() or {}
+        return RunConfig.from_dict(json.loads(meta["iddpm_config"])).train.ema_rates
+    except Exception:  # not an iddpm file / no config: the caller falls back to the largest rate
+        return ()
+
+
+def pick_weights_file(folder: str | os.PathLike, use_ema: bool = True, ema_rate: float | str | None = None) -> Path:
+    """The weights file of a checkpoint folder: ``ema_<rate>.safetensors`` (EMA, default) or ``model.safetensors``.
+
+    ``ema_rate`` None (or "") picks the only EMA file; with several, the first rate of the run's ``--ema_rate``
+    list (read from the checkpoint's config), else the largest rate.
+    """
+    folder = Path(folder)
+    if not use_ema:
+        f = folder / "model.safetensors"
+        if not f.is_file():
+            raise ConfigError(f"--run {folder}: no model.safetensors in this checkpoint folder; {RUN_HINT}")
+        return f
+    emas = ema_files(folder)
+    if not emas:
+        if (folder / "model.safetensors").is_file():
+            raise ConfigError(f"--run {folder}: no EMA weights (ema_*.safetensors) here; pass --no_ema for the raw "
+                              "weights")
+        raise ConfigError(f"--run {folder}: no model weights (model.safetensors / ema_*.safetensors); {RUN_HINT}")
+    if ema_rate is None or ema_rate == "":
+        if len(emas) == 1:
+            return next(iter(emas.values()))
+        for r in _configured_ema_rates(next(iter(emas.values()))):
+            for have, f in emas.items():
+                if abs(have - r) < 1e-12:
+                    return f
+        return emas[max(emas)]
+    rate = float(ema_rate)
+    for r, f in emas.items():
+        if abs(r - rate) < 1e-12:
+            return f
+    have = ", ".join(str(r) for r in sorted(emas, reverse=True))
+    raise ConfigError(f"--ema_rate {ema_rate}: no ema_{ema_rate}.safetensors in {folder}; available rates: {have}")
 
 
 def write_config(run_dir: str | os.PathLike, cfg: RunConfig) -> Path:
@@ -198,8 +268,6 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, cfg: RunConfig, mo
 
     ``state`` must be JSON-able through :func:`to_jsonable` (step, sampler state, RNG states, ...).
     """
-    from iddpm.checkpoints.model_file import save_model_file
-
     final = Path(run_dir) / CHECKPOINTS / step_name(step)
     meta = {"iddpm_step": str(step)}
     with atomic_directory(final) as tmp:
@@ -244,10 +312,6 @@ def load_checkpoint(path: str | os.PathLike, *, load_training_state: bool = True
     A bare ``.safetensors`` file gives only the model weights and config (``optimizer`` None,
     ``state`` empty): training restarts its optimizer and EMA from those weights.
     """
-    from safetensors.torch import load_file
-
-    from iddpm.checkpoints.model_file import read_model_file
-
     p = find_checkpoint(path)
     if p.is_file():
         sd, cfg, meta = read_model_file(p)
@@ -257,8 +321,7 @@ def load_checkpoint(path: str | os.PathLike, *, load_training_state: bool = True
     ckpt = Checkpoint(path=p, model=sd, config=cfg)
     if not load_training_state:
         return ckpt
-    for f in sorted(p.glob("ema_*.safetensors")):
-        rate = float(f.name[len("ema_"):-len(".safetensors")])
+    for rate, f in sorted(ema_files(p).items()):
         ckpt.emas[rate] = read_model_file(f)[0]
     state_path = p / "state.json"
     if state_path.is_file():

@@ -1,68 +1,56 @@
-"""argparse flags generated from the config dataclasses, and resolution of a RunConfig.
+"""argparse flags generated from the config dataclasses, and the flat settings they were given.
 
-Resolution order (later wins): defaults -> ``--preset`` -> ``--config FILE`` -> explicit flags.
-Booleans accept the original's ``--flag True/False`` and a bare ``--flag``.
+Every flag is one dataclass field: its type, and the default its help shows, come from the field, and a flag
+that is not given is absent from the namespace (``argparse.SUPPRESS``), so the dataclass default is the one
+definition of each default.  Booleans accept the original's ``--flag True/False`` and a bare ``--flag``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import MISSING, fields
-from pathlib import Path
 from typing import Any
 
-from iddpm.config import (
-    ConfigError,
-    DataConfig,
-    DiffusionConfig,
-    ModelConfig,
-    RunConfig,
-    TrainConfig,
-    apply_overrides,
-    preset,
-)
-
-SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
-
-# Flags accepted under a second name for compatibility with the original's scripts.
-ALIASES = {"large_size": "image_size"}
+from iddpm.config import ALIASES, SECTIONS, RunConfig, parse_bool, resolve_train_config
 
 
 def str2bool(v: str) -> bool:
-    low = str(v).strip().lower()
-    if low in ("1", "true", "yes", "y", "t"):
-        return True
-    if low in ("0", "false", "no", "n", "f"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {v!r}")
+    """argparse type for booleans (``True/False``, ``1/0``, ``yes/no``)."""
+    try:
+        return parse_bool(v)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_section_flags(group, cls: type, *, skip=(), shown=None, dests: dict[str, str] | None = None,
+                      names: dict[str, list[str]] | None = None) -> None:
+    """One ``--name`` flag per field of dataclass ``cls`` into ``group`` (default: not given).
+
+    ``shown``: an instance whose values the help shows as defaults (else the field defaults).
+    ``dests`` / ``names``: per field, another attribute name / other flag spellings (e.g. the original's).
+    """
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default if f.default is not MISSING else None
+        shown_value = getattr(shown, f.name) if shown is not None else default
+        flag_names = [f"--{f.name}"] + [f"--{a}" for a, t in ALIASES.items() if t == f.name]
+        flag_names += (names or {}).get(f.name, [])
+        kw: dict[str, Any] = dict(dest=(dests or {}).get(f.name, f.name), default=argparse.SUPPRESS,
+                                  help=f"(default: {shown_value!r})")
+        if isinstance(default, bool):
+            kw.update(type=str2bool, nargs="?", const=True, metavar="BOOL")
+        else:
+            kw.update(type=type(default) if isinstance(default, (int, float)) else str)
+        group.add_argument(*flag_names, **kw)
 
 
 def add_config_flags(parser: argparse.ArgumentParser, sections=tuple(SECTIONS), skip=(), shown=None,
                      group_help: str | None = None) -> None:
-    """Add one ``--name`` flag per field of the given config sections (default: not given).
-
-    ``shown``: a :class:`RunConfig` whose values the help shows as defaults (e.g. the demo's preset);
-    without it the help shows the dataclass defaults.  ``group_help``: a description of each section's group
-    (e.g. where the defaults come from)."""
+    """The training config's flags, one argument group per section (``shown``: a RunConfig for the help)."""
     for sec in sections:
         group = parser.add_argument_group(f"{sec} settings", group_help)
-        for f in fields(SECTIONS[sec]):
-            if f.name in skip:
-                continue
-            default = f.default if f.default is not MISSING else None
-            shown_value = getattr(getattr(shown, sec), f.name) if shown is not None else default
-            names = [f"--{f.name}"] + [f"--{a}" for a, t in ALIASES.items() if t == f.name]
-            kw: dict[str, Any] = dict(dest=f.name, default=argparse.SUPPRESS, help=f"(default: {shown_value!r})")
-            if isinstance(default, bool):
-                kw.update(type=str2bool, nargs="?", const=True, metavar="BOOL")
-            elif isinstance(default, int):
-                kw.update(type=int)
-            elif isinstance(default, float):
-                kw.update(type=float)
-            else:
-                kw.update(type=str)
-            group.add_argument(*names, **kw)
+        add_section_flags(group, SECTIONS[sec], skip=skip, shown=getattr(shown, sec) if shown is not None else None)
 
 
 def add_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -71,61 +59,25 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry_run", action="store_true", help="print the resolved config and exit")
 
 
-def load_config_file(path: str) -> dict[str, Any]:
-    """Read a config file into a dict; errors name the file."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    text = p.read_text()
-    suffix = p.suffix.lower()
-    try:
-        if suffix == ".toml":
-            try:
-                import tomllib
-            except ModuleNotFoundError:  # Python 3.10
-                import tomli as tomllib
-            return tomllib.loads(text)
-        if suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-            return data or {}
-        if suffix == ".json":
-            return json.loads(text)
-    except Exception as exc:  # parse errors from any of the three parsers
-        raise ConfigError(f"--config {path}: cannot parse ({type(exc).__name__}: {exc})".splitlines()[0]) from None
-    raise ConfigError(f"--config {path}: unknown extension {suffix!r}; use .toml, .yaml/.yml or .json")
+def given(args: argparse.Namespace, cls: type, dests: dict[str, str] | None = None) -> dict[str, Any]:
+    """The fields of dataclass ``cls`` that were given as flags: ``{field: value}``."""
+    dests = dests or {}
+    return {f.name: getattr(args, dests.get(f.name, f.name)) for f in fields(cls)
+            if hasattr(args, dests.get(f.name, f.name))}
 
 
-def config_dict_to_run_config(base: RunConfig, data: dict[str, Any], source: str) -> RunConfig:
-    """Apply a nested (``[model] ...``) or flat (``lr = 1e-4``) config dict onto ``base``."""
+def run_settings(args: argparse.Namespace, sections=tuple(SECTIONS)) -> dict[str, Any]:
+    """The training-config flags given explicitly, flat (``{"lr": 1e-3, ...}``)."""
     flat: dict[str, Any] = {}
-    for k, v in data.items():
-        if k == "preset":
-            continue
-        if k in SECTIONS and isinstance(v, dict):
-            flat.update(v)
-        else:
-            flat[ALIASES.get(k, k)] = v
-    return apply_overrides(base, flat, source=source)
+    for sec in sections:
+        flat.update(given(args, SECTIONS[sec]))
+    return flat
 
 
-def resolve_run_config(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
-    """defaults/base -> preset -> config file -> explicit flags, then validate."""
-    cfg = base or RunConfig()
-    file_data: dict[str, Any] = {}
-    if getattr(args, "config", None):
-        file_data = load_config_file(args.config)
-    preset_name = getattr(args, "preset", None) or file_data.get("preset")
-    if preset_name:
-        cfg = preset(preset_name, cfg)
-    if file_data:
-        cfg = config_dict_to_run_config(cfg, file_data, source=f"--config {args.config}")
-    flat = {}
-    for sec in SECTIONS:
-        for f in fields(SECTIONS[sec]):
-            if hasattr(args, f.name):
-                flat[f.name] = getattr(args, f.name)
-    if flat:
-        cfg = apply_overrides(cfg, flat, source="flags")
-    return cfg.validate()
+def resolve_run_config(args: argparse.Namespace, base: RunConfig | None = None,
+                       embedded_default: bool = False) -> RunConfig:
+    """defaults/base -> preset -> config file -> explicit flags, validated (see
+    :func:`iddpm.config.resolve_train_config`)."""
+    return resolve_train_config(run_settings(args), preset_name=getattr(args, "preset", "") or "",
+                                config_file=getattr(args, "config", None), base=base,
+                                embedded_default=embedded_default)

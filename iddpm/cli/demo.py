@@ -12,12 +12,20 @@ NLL of the whole test split takes about a minute.  Any training flag overrides t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import torch
+
+from iddpm import api
+from iddpm.checkpoints.run_dir import read_config
 from iddpm.cli.args import add_config_flags, resolve_run_config
+from iddpm.config import ConfigError, apply_overrides, preset
+from iddpm.data.digits import load_digits_split
+from iddpm.sample import save_grid, save_npz
 
 DEMO_RUN_DIR = "runs/demo"
 DEMO_OVERRIDES = dict(num_channels=32, lr=1e-3, ema_rate="0.995", diffusion_steps=250)
@@ -40,10 +48,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def demo_base_config():
     """The digits preset with :data:`DEMO_OVERRIDES` and the demo's run settings (before command-line flags)."""
-    import dataclasses
-
-    from iddpm.config import apply_overrides, preset
-
     base = apply_overrides(preset("digits"), DEMO_OVERRIDES, source="demo")
     return base.replace(train=dataclasses.replace(base.train, run_dir=DEMO_RUN_DIR, save_interval=0,
                                                   log_interval=100, sample_every=0))
@@ -51,9 +55,6 @@ def demo_base_config():
 
 def _fresh_run_dir(run_dir: Path) -> None:
     """Reuse ``run_dir`` only if it is empty or an earlier demo (whose outputs are replaced)."""
-    from iddpm.checkpoints.run_dir import read_config
-    from iddpm.config import ConfigError
-
     if not run_dir.exists() or not any(run_dir.iterdir()):
         return
     try:
@@ -69,10 +70,6 @@ def _fresh_run_dir(run_dir: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    from iddpm.config import ConfigError
-
     t_start = time.perf_counter()
     if args.minutes <= 0:
         raise ConfigError(f"--minutes {args.minutes}: must be > 0")
@@ -81,64 +78,41 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_run_config(args, base=base)
     run_dir = Path(cfg.train.run_dir)
     _fresh_run_dir(run_dir)
-
-    import torch
-
     if args.threads > 0:
-        torch.set_num_threads(args.threads)
-
-    from iddpm.api import build_diffusion
-    from iddpm.data import load_dataset, make_loader
-    from iddpm.eval.nll import compute_nll, save_nll
-    from iddpm.models import optimize
-    from iddpm.sample import generate, save_grid, save_npz
-    from iddpm.train.app import build_trainer
-
+        torch.set_num_threads(args.threads)  # a process setting: the demo is the whole process
     m = cfg.model
     cond = "class-conditional" if m.class_cond else "unconditional"
     print(f"iddpm demo: training an {cond} {m.image_size}x{m.image_size} model on the bundled digits for "
           f"{cfg.train.max_minutes:g} min (run dir {run_dir})", file=sys.stderr)
-    prepared = build_trainer(cfg, run_dir=run_dir, progress=not args.no_progress)
-    trainer = prepared.trainer
-    result = trainer.run()
+    result = api.train(cfg, progress=not args.no_progress)
     t_train = time.perf_counter() - t_start
     print(f"iddpm demo: {result.step} steps ({result.step * cfg.train.batch_size} images) in {result.seconds:.0f} s, "
           f"{result.images_per_second:.0f} img/s", file=sys.stderr)
 
-    model = optimize(trainer.ema_model(0), "sample")
-    device = trainer.device
     steps = min(args.sample_steps, cfg.diffusion.diffusion_steps)
-    sample_diffusion = build_diffusion(cfg.diffusion, timestep_respacing=str(steps))
-    with torch.no_grad():
-        samples = generate(model, sample_diffusion, num_samples=args.num_samples, batch_size=args.num_samples,
-                           image_shape=(m.in_channels, m.image_size, m.image_size), seed=cfg.train.seed,
-                           classes="balanced" if m.class_cond else None,
-                           num_classes=m.num_classes if m.class_cond else None, device=device,
-                           progress=not args.no_progress)
+    samples = api.sample(run_dir, num_samples=args.num_samples, batch_size=args.num_samples, seed=cfg.train.seed,
+                         timestep_respacing=str(steps), classes="balanced" if m.class_cond else None,
+                         device=cfg.train.device, progress=not args.no_progress)
     grid = save_grid(samples.images, run_dir / "samples.png", nrow=10)
     save_npz(run_dir / "samples.npz", samples.images, samples.labels)
     quality = ""
     if (m.image_size, m.in_channels) == (8, 1):  # the shipped digits CNN's input
-        from iddpm.eval.evaluate import evaluate
-
-        q = evaluate(samples.images, "digits-test", metrics=("fid", "pr"))
+        q = api.evaluate(samples.images, "digits-test", metrics=("fid", "pr"))
         quality = (f"digit-FID {q['fid']:.2f} vs the {q['num_reference']} test digits (digits-CNN features; "
                    f"{q['num_samples']} samples), precision {q['precision']:.2f}, recall {q['recall']:.2f}")
     t_sample = time.perf_counter() - t_start - t_train
 
-    test = load_dataset(cfg.data, m.image_size, m.in_channels, split="test", seed=cfg.train.seed,
-                        with_labels=m.class_cond)
-    n_test = len(test)
-    n_eval = min(args.nll_examples, n_test) if args.nll_examples > 0 else n_test
-    loader = make_loader(test, min(n_eval, 120), shuffle=False, seed=0, drop_last=False)
-    nll = compute_nll(model, build_diffusion(cfg.diffusion), loader, device=device, seed=cfg.train.seed,
-                      max_examples=n_eval, use_labels=m.class_cond, progress=not args.no_progress)
-    save_nll(nll, run_dir / "nll.json")
+    n_test = len(load_digits_split("test")[0]) if cfg.data.data_dir in ("", "digits") else None
+    n_eval = args.nll_examples if args.nll_examples > 0 else (n_test or 0)
+    nll = api.nll(run_dir, split="test", batch_size=min(n_eval, 120) if n_eval else 120, num_examples=n_eval,
+                  seed=cfg.train.seed, device=cfg.train.device, out=str(run_dir / "nll.json"), save=True,
+                  progress=not args.no_progress)
     t_nll = time.perf_counter() - t_start - t_train - t_sample
     total = time.perf_counter() - t_start
 
-    which = "the whole test split" if n_eval == n_test else f"a subset: the first {n_eval} of {n_test} test images"
-    print(f"samples: {grid} ({args.num_samples} images, {steps} sampling steps, EMA {trainer.ema.rates[0]})")
+    which = "the whole test split" if nll.num_examples == n_test else \
+        f"a subset: the first {nll.num_examples} of {n_test} test images"
+    print(f"samples: {grid} ({args.num_samples} images, {steps} sampling steps, EMA {cfg.train.ema_rates[0]})")
     if quality:
         print(f"sample quality: {quality}")
     print(f"test NLL: {nll.bpd:.3f} +- {nll.bpd_stderr:.3f} bits/dim over {which} "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from iddpm.config import PRESETS, RELEASED_CHECKPOINTS
+from iddpm.config import PRESETS, RELEASED_CHECKPOINTS, preset
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,8 +13,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.name:
-        from iddpm.config import preset
-
         print(preset(args.name).to_json())
         return 0
     for name, flags in PRESETS.items():

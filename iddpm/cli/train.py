@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iddpm.cli.args import add_config_flags, add_run_flags, resolve_run_config
+from iddpm import api
+from iddpm.cli.args import add_config_flags, add_run_flags, run_settings
+from iddpm.config import uses_embedded_default
+from iddpm.train.trainer import NonFiniteLossError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,45 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
 
 
-def resolve(args: argparse.Namespace):
-    """The RunConfig of this invocation.  With ``--resume`` the run directory's ``config.json`` is the base
-    (flags still override it); with ``--resume_checkpoint`` the checkpoint's own config is."""
-    from iddpm.checkpoints.run_dir import read_config, resolve_run_dir
-
-    cfg = resolve_run_config(args)
-    if not cfg.preset and cfg.data.data_dir in ("", "digits") and not cfg.train.resume \
-            and not cfg.train.resume_checkpoint:
-        # the embedded default: no data and no preset -> the digits preset (explicit flags still win)
-        from iddpm.config import preset
-
-        cfg = resolve_run_config(args, base=preset("digits"))
+def run(args: argparse.Namespace) -> int:
+    settings, preset_name = run_settings(args), getattr(args, "preset", "") or ""
+    cfg = api.train_config(settings, preset_name=preset_name, config_file=args.config)
+    if cfg.preset == "digits" and uses_embedded_default(preset_name, settings) and not args.config:
         print("iddpm train: no --data_dir and no --preset: the bundled digits with the 'digits' preset "
               "(see `iddpm presets`)", file=sys.stderr)
-    if cfg.train.resume:
-        run_dir = resolve_run_dir(cfg)
-        if (run_dir / "config.json").is_file():
-            cfg = resolve_run_config(args, base=read_config(run_dir))
-    elif cfg.train.resume_checkpoint and not cfg.train.resume_checkpoint.endswith(".pt"):
-        import dataclasses
-
-        from iddpm.checkpoints.run_dir import load_checkpoint
-
-        saved = load_checkpoint(cfg.train.resume_checkpoint, load_training_state=False).config
-        fresh = dataclasses.replace(saved.train, run_dir="", resume=False, resume_checkpoint="")
-        cfg = resolve_run_config(args, base=saved.replace(train=fresh))
-    return cfg
-
-
-def run(args: argparse.Namespace) -> int:
-    cfg = resolve(args)
     if args.dry_run:
         print(cfg.to_json())
         return 0
-    from iddpm.train.app import train
-    from iddpm.train.trainer import NonFiniteLossError
-
     try:
-        result = train(cfg, progress=not args.no_progress)
+        result = api.train(cfg, progress=not args.no_progress)
     except NonFiniteLossError as exc:
         print(f"iddpm train: error: {exc}", file=sys.stderr)
         return 1

@@ -21,7 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from iddpm.config import EVAL_METRICS, ConfigError, EvalConfig, replace_checked
+from iddpm.data.digits import load_digits_split
+from iddpm.data.sources import read_image_folder, read_npz_images
+from iddpm.eval.features import make_extractor
 from iddpm.eval.metrics import (
     FeatureStats,
     feature_stats,
@@ -34,17 +39,14 @@ from iddpm.eval.metrics import (
     save_stats,
 )
 
-__all__ = ["evaluate", "load_source", "compute_stats", "METRICS", "DIGITS_SOURCES"]
+__all__ = ["evaluate", "eval_settings", "load_source", "compute_stats", "METRICS", "DIGITS_SOURCES"]
 
-METRICS = ("fid", "kid", "is", "pr")
+METRICS = EVAL_METRICS
 DIGITS_SOURCES = ("digits-train", "digits-test", "digits-all")
 
 
 def load_source(source: Any, flag: str = "SAMPLES") -> np.ndarray | FeatureStats:
     """A source -> uint8 images ``[N, H, W, C]`` or :class:`FeatureStats` (see the module docstring)."""
-    from iddpm.config import ConfigError
-    from iddpm.data.sources import read_image_folder, read_npz_images
-
     if isinstance(source, FeatureStats):
         return source
     if hasattr(source, "detach") and hasattr(source, "numpy"):  # a torch tensor
@@ -56,8 +58,6 @@ def load_source(source: Any, flag: str = "SAMPLES") -> np.ndarray | FeatureStats
         return arr
     text = str(source)
     if text in DIGITS_SOURCES:
-        from iddpm.data.digits import load_digits_split
-
         return load_digits_split(text.split("-", 1)[1])[0][..., None]
     path = Path(os.path.expanduser(text))
     if path.is_dir():
@@ -87,14 +87,10 @@ def _auto_extractor(*items: np.ndarray | FeatureStats) -> str:
 
 def compute_stats(images: np.ndarray, extractor, batch_size: int = 256, progress: bool = False, desc: str = ""):
     """Run ``extractor`` over uint8 ``images`` in batches -> :class:`FeatureStats` (features and logits kept)."""
-    from iddpm.config import ConfigError
-
     if len(images) < 2:
         raise ConfigError(f"{desc or 'images'}: need at least 2 images for statistics, got {len(images)}")
     starts = range(0, len(images), batch_size)
     if progress:
-        from tqdm import tqdm
-
         starts = tqdm(starts, desc=f"features {desc}".strip(), unit="batch", leave=False)
     feats, logits = [], []
     for i in starts:
@@ -105,57 +101,54 @@ def compute_stats(images: np.ndarray, extractor, batch_size: int = 256, progress
     return feature_stats(np.concatenate(feats), extractor=extractor.name, logits=lg)
 
 
-def evaluate(
-    samples: Any,
-    reference: Any,
-    *,
-    extractor: Any = "auto",
-    metrics: tuple[str, ...] | list[str] = METRICS,
-    batch_size: int = 256,
-    kid_subsets: int = 100,
-    kid_subset_size: int = 1000,
-    pr_k: int = 3,
-    is_splits: int = 10,
-    inception_path: str | os.PathLike | None = None,
-    digits_weights: str | os.PathLike | None = None,
-    device: str = "cpu",
-    seed: int = 0,
-    save_reference_stats: str | os.PathLike | None = None,
-    save_sample_stats: str | os.PathLike | None = None,
-    save_features: bool = False,
-    progress: bool = False,
-) -> dict[str, Any]:
+# The keyword names this function took before EvalConfig existed (and that the original's tools use).
+_LEGACY_NAMES = {"inception_path": "inception", "digits_weights": "digits_classifier",
+                 "save_reference_stats": "save_stats"}
+
+
+def eval_settings(settings: EvalConfig | None = None, **overrides: Any) -> tuple[EvalConfig, Any]:
+    """``settings`` (default :class:`EvalConfig`) with keyword overrides applied and validated, and the extractor
+    object when ``extractor=`` was one (else None).  Accepts the legacy names ``inception_path``,
+    ``digits_weights`` and ``save_reference_stats``."""
+    extractor_obj = None
+    if not isinstance(overrides.get("extractor", ""), str):
+        extractor_obj = overrides.pop("extractor")
+    if overrides.get("metrics") is not None and not isinstance(overrides["metrics"], str):
+        overrides["metrics"] = ",".join(overrides["metrics"])
+    values = {_LEGACY_NAMES.get(k, k): ("" if v is None else v) for k, v in overrides.items()}
+    values = {k: (os.fspath(v) if isinstance(v, os.PathLike) else v) for k, v in values.items()}
+    return replace_checked(settings or EvalConfig(), values, "evaluate").validate(), extractor_obj
+
+
+def evaluate(samples: Any, reference: Any, settings: EvalConfig | None = None, *, progress: bool = False,
+             **overrides: Any) -> dict[str, Any]:
     """Compare ``samples`` with ``reference``; returns a JSON-ready dict.
 
     Keys: ``extractor``, ``num_samples``, ``num_reference``, and per computed metric ``fid``;
     ``kid``, ``kid_std``; ``is``, ``is_std`` (and ``is_reference`` when the reference has
     logits); ``precision``, ``recall``; ``skipped`` maps a metric to why it was not computed.
 
-    Args:
-        extractor: ``"auto"`` (digits CNN for 8x8 grayscale images, InceptionV3 otherwise),
-            ``"digits"``, ``"inception"``, ``"random"`` (tests only) or an extractor object.
-        metrics: subset of ``("fid", "kid", "is", "pr")``.
-        kid_subsets, kid_subset_size: KID subsets (size capped by both set sizes); ``seed`` draws them.
-        save_reference_stats / save_sample_stats: write statistics files (reusable as a source);
-            ``save_features`` adds the raw features and logits (needed later for KID, P/R, IS).
+    settings: an :class:`~iddpm.config.EvalConfig` (its defaults are the defaults); ``overrides`` are its field
+    names as keywords (``extractor`` may also be an extractor object; ``metrics`` a tuple), e.g.
+    ``evaluate(a, "digits-test", metrics=("fid",))``.  ``extractor``: ``"auto"`` (digits CNN for 8x8 grayscale
+    images, InceptionV3 otherwise), ``"digits"``, ``"inception"``, ``"random"`` (tests only).
+    ``save_stats`` / ``save_sample_stats`` write statistics files (reusable as a source); ``save_features``
+    adds the raw features and logits (needed later for KID, P/R, IS).
     """
-    from iddpm.config import ConfigError
-    from iddpm.eval.features import make_extractor
-
-    unknown = set(metrics) - set(METRICS)
-    if unknown:
-        raise ConfigError(f"--metrics {','.join(sorted(unknown))}: unknown; choose from {','.join(METRICS)}")
+    cfg, extractor_obj = eval_settings(settings, **overrides)
+    metrics = cfg.metric_names
     smp = load_source(samples, "SAMPLES")
     ref = load_source(reference, "REFERENCE")
     need_extractor = isinstance(smp, np.ndarray) or isinstance(ref, np.ndarray)
-    if isinstance(extractor, str):
-        name = _auto_extractor(smp, ref) if extractor == "auto" else extractor
+    if extractor_obj is None:
+        name = _auto_extractor(smp, ref) if cfg.extractor == "auto" else cfg.extractor
         ext = None
         if need_extractor:
-            ext = make_extractor(name, inception_path=inception_path, digits_weights=digits_weights, device=device)
+            ext = make_extractor(name, inception_path=cfg.inception or None,
+                                 digits_weights=cfg.digits_classifier or None, device=cfg.device)
         ext_name = ext.name if ext is not None else next(s.extractor for s in (smp, ref))
     else:
-        ext, ext_name = extractor, extractor.name
+        ext, ext_name = extractor_obj, extractor_obj.name
 
     def stats_of(item, flag):
         if isinstance(item, FeatureStats):
@@ -165,15 +158,15 @@ def evaluate(
                     f"use --extractor to match or recompute them"
                 )
             return item
-        return compute_stats(item, ext, batch_size=batch_size, progress=progress, desc=flag.lower())
+        return compute_stats(item, ext, batch_size=cfg.batch_size, progress=progress, desc=flag.lower())
 
     s_stats, r_stats = stats_of(smp, "SAMPLES"), stats_of(ref, "REFERENCE")
     if s_stats.mu.shape != r_stats.mu.shape:
         raise ConfigError(f"SAMPLES/REFERENCE: feature sizes differ ({s_stats.mu.shape[0]} vs {r_stats.mu.shape[0]})")
-    if save_reference_stats:
-        save_stats(save_reference_stats, r_stats, include_features=save_features)
-    if save_sample_stats:
-        save_stats(save_sample_stats, s_stats, include_features=save_features)
+    if cfg.save_stats:
+        save_stats(cfg.save_stats, r_stats, include_features=cfg.save_features)
+    if cfg.save_sample_stats:
+        save_stats(cfg.save_sample_stats, s_stats, include_features=cfg.save_features)
 
     out: dict[str, Any] = {"extractor": ext_name, "num_samples": s_stats.num, "num_reference": r_stats.num}
     skipped: dict[str, str] = {}
@@ -184,26 +177,27 @@ def evaluate(
     if "kid" in metrics:
         if have_features:
             out["kid"], out["kid_std"] = kernel_inception_distance(
-                s_stats.features, r_stats.features, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
+                s_stats.features, r_stats.features, num_subsets=cfg.kid_subsets, subset_size=cfg.kid_subset_size,
+                seed=cfg.seed,
             )
-            out["kid_subset_size"] = min(kid_subset_size, len(s_stats.features), len(r_stats.features))
+            out["kid_subset_size"] = min(cfg.kid_subset_size, len(s_stats.features), len(r_stats.features))
         else:
             skipped["kid"] = no_feat
     if "is" in metrics:
         if s_stats.logits is not None:
-            out["is"], out["is_std"] = inception_score(s_stats.logits, splits=is_splits)
+            out["is"], out["is_std"] = inception_score(s_stats.logits, splits=cfg.is_splits)
             if r_stats.logits is not None:
-                out["is_reference"] = inception_score(r_stats.logits, splits=is_splits)[0]
+                out["is_reference"] = inception_score(r_stats.logits, splits=cfg.is_splits)[0]
         else:
             skipped["is"] = f"needs class logits of the samples; extractor {ext_name!r} gives features only"
     if "pr" in metrics:
-        if have_features and min(len(s_stats.features), len(r_stats.features)) > pr_k:
+        if have_features and min(len(s_stats.features), len(r_stats.features)) > cfg.pr_k:
             out["precision"], out["recall"] = precision_recall(
-                r_stats.features, s_stats.features, k=pr_k, device=device
+                r_stats.features, s_stats.features, k=cfg.pr_k, device=cfg.device
             )
-            out["pr_k"] = pr_k
+            out["pr_k"] = cfg.pr_k
         else:
-            skipped["pr"] = no_feat if not have_features else f"needs more than k={pr_k} images per set"
+            skipped["pr"] = no_feat if not have_features else f"needs more than k={cfg.pr_k} images per set"
     out["skipped"] = skipped
     return out
 

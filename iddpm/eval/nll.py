@@ -15,6 +15,7 @@ is weighted correctly.  Every random draw of example i comes from its own stream
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -24,11 +25,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from iddpm.config import ConfigError, RunConfig
+from iddpm.data import load_dataset, make_loader
 from iddpm.runtime.atomic import atomic_write_bytes, atomic_write_text
 from iddpm.sample.noise import PerSampleNoise
 
-__all__ = ["NLLResult", "NLLShare", "compute_nll", "compute_nll_share", "merge_nll_shares", "save_nll"]
+__all__ = ["NLLResult", "NLLShare", "compute_nll", "compute_nll_share", "merge_nll_shares", "save_nll", "nll_loader"]
+
+
+def nll_loader(cfg: RunConfig, *, data_dir: str | None = None, split: str = "test", batch_size: int = 64):
+    """Ordered batches (no shuffle, no flips, last batch kept) of the evaluation data for ``cfg``'s model.
+
+    ``data_dir`` None (or "") = the run's data (the bundled digits' ``split`` for digits runs)."""
+    dcfg = dataclasses.replace(cfg.data, random_flip=False)
+    if data_dir:
+        dcfg = dataclasses.replace(dcfg, data_dir=data_dir)
+    ds = load_dataset(dcfg, cfg.model.image_size, cfg.model.in_channels, split=split,
+                      with_labels=cfg.model.class_cond)
+    return make_loader(ds, batch_size, shuffle=False, seed=0, drop_last=False)
 
 
 @dataclass
@@ -52,6 +68,8 @@ class NLLResult:
     num_examples: int
     per_example_bpd: np.ndarray
     timestep_map: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    seconds: float = 0.0  # wall time of the evaluation (set by iddpm.api.nll)
+    num_processes: int = 1  # processes that shared it (torchrun)
 
     @property
     def decoder_bpd(self) -> float:
@@ -127,8 +145,6 @@ def compute_nll_share(
     """``calc_bpd_loop`` terms of this process's share of ``data``: batch b goes to rank ``b % world_size``
     (every rank reads the same data in the same order, e.g. under ``torchrun``).  Arguments as :func:`compute_nll`.
     """
-    from tqdm.auto import tqdm
-
     device = torch.device(device)
     T = diffusion.num_timesteps
     totals, indices = [], []
@@ -190,8 +206,6 @@ def merge_nll_shares(shares: Iterable[NLLShare], diffusion) -> NLLResult:
     shares = [sh for sh in shares if sh is not None]
     idx = np.concatenate([sh.indices for sh in shares])
     if not idx.size:
-        from iddpm.config import ConfigError
-
         raise ConfigError("nll: the dataset gave no examples (check --data_dir / --num_examples)")
     per_example = np.concatenate([sh.per_example_bpd for sh in shares])[np.argsort(idx, kind="stable")]
     n = idx.size
@@ -269,7 +283,5 @@ def save_nll(result: NLLResult, path: str | os.PathLike) -> Path:
                  mse=result.mse_per_t.tolist())
         atomic_write_text(path, json.dumps(d, indent=2) + "\n")
     else:
-        from iddpm.config import ConfigError
-
         raise ConfigError(f"--out {path}: unknown extension {suffix!r}; use .csv, .npz or .json")
     return path

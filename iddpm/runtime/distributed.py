@@ -7,8 +7,9 @@ as one plain process it is a no-op: every collective returns its input unchanged
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,3 +123,19 @@ def init_distributed(device: str = "auto", env: Mapping[str, str] | None = None)
             kwargs["device_id"] = dev
         tdist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
     return DistContext(rank, world_size, local_rank, dev, backend)
+
+
+@contextlib.contextmanager
+def distributed_context(device: str = "auto") -> Iterator[DistContext]:
+    """:func:`init_distributed` for the length of one command.
+
+    The process group is destroyed afterwards only if this call created it, so a caller that set up its own
+    group (e.g. a torchrun training script that samples) keeps it.
+    """
+    created = not tdist.is_initialized()
+    ctx = init_distributed(device)
+    try:
+        yield ctx
+    finally:
+        if created:
+            ctx.shutdown()

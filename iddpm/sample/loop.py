@@ -17,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from iddpm.config import ConfigError
 from iddpm.sample.noise import PerSampleNoise
-from iddpm.sample.output import to_uint8
+from iddpm.sample.output import grid_image, save_grid, save_npz, to_uint8
 
 __all__ = ["SampleResult", "generate", "gather_results", "resolve_labels", "trajectory_frame_steps"]
 
@@ -45,17 +47,16 @@ class SampleResult:
     trajectory_steps: list[int] | None = None
     indices: np.ndarray | None = None
     trajectory_indices: np.ndarray | None = None
+    seconds: float = 0.0  # wall time of the sampling (set by iddpm.api.sample / upsample)
+    info: dict | None = None  # the settings used, as written to sample_info.json (iddpm.api)
+    files: list[Path] | None = None  # what iddpm.api wrote with save=True (the npz first)
 
     def grid(self, nrow: int | None = None, max_images: int = 64, scale: int | None = None):
         """The first ``max_images`` images as one ``PIL.Image`` grid (displays inline in notebooks)."""
-        from iddpm.sample.output import grid_image
-
         return grid_image(self.images[:max_images], nrow=nrow, scale=scale)
 
     def save(self, folder, grid: bool = True) -> Path:
         """Write the original's ``samples_{N}x{H}x{W}x{C}.npz`` (+ ``grid.png``) into ``folder``; returns the npz."""
-        from iddpm.sample.output import save_grid, save_npz
-
         path = save_npz(folder, self.images, self.labels)
         if grid:
             save_grid(self.images[:64], Path(folder) / "grid.png")
@@ -93,8 +94,6 @@ def resolve_labels(classes, num_samples: int, num_classes: int | None, seed: int
     """
     if num_classes is None:
         if classes is not None:
-            from iddpm.config import ConfigError
-
             raise ConfigError("--class/--balanced: the model is not class-conditional (trained without --class_cond)")
         return None
     if classes is None:
@@ -102,8 +101,6 @@ def resolve_labels(classes, num_samples: int, num_classes: int | None, seed: int
         labels = rng.integers(0, num_classes, size=num_samples, dtype=np.int64)
     elif isinstance(classes, str):
         if classes != "balanced":
-            from iddpm.config import ConfigError
-
             raise ConfigError(f"classes={classes!r}: use an int class, 'balanced', a list of labels or None")
         labels = np.arange(num_samples, dtype=np.int64) % num_classes
     elif isinstance(classes, (int, np.integer)):
@@ -111,12 +108,8 @@ def resolve_labels(classes, num_samples: int, num_classes: int | None, seed: int
     else:
         labels = np.asarray(list(classes), dtype=np.int64)
         if labels.shape != (num_samples,):
-            from iddpm.config import ConfigError
-
             raise ConfigError(f"classes: got {labels.shape[0]} labels for {num_samples} samples")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        from iddpm.config import ConfigError
-
         raise ConfigError(f"--class {int(labels.max() if labels.max() >= num_classes else labels.min())}: "
                           f"out of range; the model has classes 0..{num_classes - 1}")
     return labels
@@ -130,12 +123,15 @@ def trajectory_frame_steps(num_timesteps: int, num_frames: int) -> list[int]:
     return steps
 
 
-def _step(diffusion, model, x, t, *, use_ddim, eta, clip_denoised, model_kwargs, noise):
-    """One reverse step with explicitly supplied noise; returns the diffusion's output dict."""
-    if use_ddim:
-        return diffusion.ddim_sample(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
-                                     eta=eta, noise=noise)
-    return diffusion.p_sample(model, x, t, clip_denoised=clip_denoised, model_kwargs=model_kwargs, noise=noise)
+def _reverse_steps(diffusion, model, x, noise: PerSampleNoise, *, use_ddim, eta, clip_denoised, model_kwargs):
+    """The diffusion's own progressive loop (t = T-1 .. 0) from ``x``, every step's noise drawn from the samples'
+    streams through the loops' ``step_noise`` seam; yields ``(t, x_t-1)`` per step."""
+    loop = diffusion.ddim_sample_loop_progressive if use_ddim else diffusion.p_sample_loop_progressive
+    kwargs = dict(eta=eta) if use_ddim else {}
+    outputs = loop(model, tuple(x.shape), noise=x, clip_denoised=clip_denoised, model_kwargs=model_kwargs,
+                   device=x.device, step_noise=noise.stream(), **kwargs)
+    for k, out in enumerate(outputs):
+        yield diffusion.num_timesteps - 1 - k, out["sample"]
 
 
 @torch.no_grad()
@@ -179,8 +175,6 @@ def generate(
         returns its share (merge the shares with :func:`gather_results`: the images are those of one process).
     Returns :class:`SampleResult` (uint8 NHWC images as the original's ``((x+1)*127.5).clamp(0,255)``).
     """
-    from tqdm.auto import tqdm
-
     if num_samples < 1:
         raise ValueError("num_samples must be >= 1")
     if batch_size < 1:
@@ -218,11 +212,9 @@ def generate(
             keep = max(0, min(n_traj - start, len(idx)))
             if keep and T in traj:
                 traj[T].append(to_uint8(x[:keep]))
-            for i in reversed(range(T)):
-                t = torch.full((len(idx),), i, dtype=torch.long, device=device)
-                out = _step(diffusion, model, x, t, use_ddim=use_ddim, eta=eta, clip_denoised=clip_denoised,
-                            model_kwargs=kwargs, noise=noise.draw_like(x))
-                x = out["sample"]
+            steps = _reverse_steps(diffusion, model, x, noise, use_ddim=use_ddim, eta=eta,
+                                   clip_denoised=clip_denoised, model_kwargs=kwargs)
+            for i, x in steps:
                 if keep and i in traj:
                     traj[i].append(to_uint8(x[:keep]))
                 bar.update(1)

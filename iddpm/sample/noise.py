@@ -10,7 +10,7 @@ moved to the target device, so CPU and GPU runs see identical noise.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -39,6 +39,11 @@ class PerSampleNoise:
     def draw(self) -> torch.Tensor:
         rows = [torch.randn(self.shape, generator=g, dtype=torch.float32) for g in self.generators]
         return torch.stack(rows).to(self.device)
+
+    def stream(self) -> Iterator[torch.Tensor]:
+        """Endless draws (each ``(len(indices), *shape)``): the diffusion loops' ``step_noise=`` seam."""
+        while True:
+            yield self.draw()
 
     def draw_like(self, x: torch.Tensor) -> torch.Tensor:
         """Like ``torch.randn_like(x)`` but from the per-sample streams (``x.shape[1:]`` must be ``shape``)."""

@@ -6,14 +6,32 @@ ready trainer without running it (tests, notebooks).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from iddpm.build import build_diffusion, build_model
+from iddpm.checkpoints.openai import load_openai_checkpoint, load_openai_state_dict
+from iddpm.checkpoints.run_dir import (
+    Checkpoint,
+    find_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    read_config,
+    resolve_run_dir,
+    write_config,
+)
 from iddpm.config import ConfigError, RunConfig
+from iddpm.data import load_dataset, make_loader
+from iddpm.diffusion import create_named_schedule_sampler
+from iddpm.models import optimize
+from iddpm.runtime import init_distributed, make_sinks, seed_everything
+from iddpm.train.trainer import Trainer, TrainResult
 
 
 @dataclass
@@ -42,13 +60,9 @@ def check_batch(cfg: RunConfig, world_size: int) -> int:
 def load_resume_checkpoint(path: str, cfg: RunConfig):
     """A :class:`~iddpm.checkpoints.run_dir.Checkpoint` from an iddpm checkpoint or an original ``modelNNNNNN.pt``
     (then the sibling ``ema_<rate>_NNNNNN.pt`` and ``optNNNNNN.pt`` are used when present)."""
-    from iddpm.checkpoints.run_dir import Checkpoint, load_checkpoint
-
     p = Path(path)
     if p.suffix != ".pt":
         return load_checkpoint(p)
-    from iddpm.checkpoints.openai import load_openai_checkpoint, load_openai_state_dict
-
     model = load_openai_checkpoint(p, cfg)
     m = re.fullmatch(r"model(\d+)\.pt", p.name)
     state: dict = {}
@@ -57,9 +71,8 @@ def load_resume_checkpoint(path: str, cfg: RunConfig):
     if m:
         num = m.group(1)
         state["step"] = int(num)  # the original's resume continues from its file number
-        names = [r.strip() for r in cfg.train.ema_rate.split(",") if r.strip()]  # the flag's spelling
-        for name, rate in zip(names, cfg.train.ema_rates):
-            f = p.with_name(f"ema_{name}_{num}.pt")
+        for rate in cfg.train.ema_rates:  # the original names them f"ema_{rate}_{step:06d}.pt" with a float rate
+            f = p.with_name(f"ema_{rate}_{num}.pt")
             if f.is_file():
                 emas[rate] = load_openai_checkpoint(f, cfg)
         opt = p.with_name(f"opt{num}.pt")
@@ -72,8 +85,6 @@ def load_resume_checkpoint(path: str, cfg: RunConfig):
 
 def _sample_diffusion(cfg: RunConfig):
     """A respaced copy for sample grids: 50 ancestral steps with learned sigmas, else DDIM-50."""
-    from iddpm.build import build_diffusion
-
     n = min(50, cfg.diffusion.diffusion_steps)
     if cfg.diffusion.learn_sigma:
         return build_diffusion(cfg.diffusion, timestep_respacing=str(n)), False
@@ -90,14 +101,6 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike | None = None, d
     ``resume_from``: checkpoint to continue from (run dir, step folder, model ``.safetensors`` or the original's
     ``modelNNNNNN.pt``).  The run directory gets ``config.json`` (rank 0).
     """
-    from iddpm.build import build_diffusion, build_model
-    from iddpm.checkpoints.run_dir import list_checkpoints, resolve_run_dir, write_config
-    from iddpm.data import load_dataset, make_loader
-    from iddpm.diffusion import create_named_schedule_sampler
-    from iddpm.models import optimize
-    from iddpm.runtime import init_distributed, make_sinks, seed_everything
-    from iddpm.train.trainer import Trainer
-
     cfg = cfg.validate()
     tc = cfg.train
     dist = dist or init_distributed(tc.device)
@@ -134,8 +137,6 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike | None = None, d
     if tc.sample_every > 0 and dist.is_main:
         sample_diffusion, ddim = _sample_diffusion(cfg)
         if cfg.model.super_res:
-            import torch.nn.functional as F
-
             xs = torch.stack([dataset[i][0] for i in range(min(16, len(dataset)))])
             grid_low_res = F.interpolate(xs, cfg.model.small_size, mode="area")
 
@@ -156,8 +157,6 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike | None = None, d
 
 def resume_source(cfg: RunConfig) -> Path | None:
     """What to continue from: ``--resume`` -> the run directory's latest checkpoint, else ``--resume_checkpoint``."""
-    from iddpm.checkpoints.run_dir import find_checkpoint, resolve_run_dir
-
     if cfg.train.resume:
         run_dir = resolve_run_dir(cfg)
         if not cfg.train.run_dir and not os.environ.get("OPENAI_LOGDIR"):
@@ -168,7 +167,21 @@ def resume_source(cfg: RunConfig) -> Path | None:
     return None
 
 
-def train(cfg: RunConfig, *, progress: bool = True):
+def load_saved_run_config(cfg: RunConfig) -> RunConfig | None:
+    """The config a resumed run continues from (None for a fresh run): ``--resume`` -> the run directory's
+    ``config.json``; ``--resume_checkpoint`` of an iddpm checkpoint -> its own config (with fresh run settings);
+    the original's ``.pt`` files carry none."""
+    if cfg.train.resume:
+        run_dir = resolve_run_dir(cfg)
+        return read_config(run_dir) if (run_dir / "config.json").is_file() else None
+    if cfg.train.resume_checkpoint and not cfg.train.resume_checkpoint.endswith(".pt"):
+        saved = load_checkpoint(cfg.train.resume_checkpoint, load_training_state=False).config
+        fresh = dataclasses.replace(saved.train, run_dir="", resume=False, resume_checkpoint="")
+        return saved.replace(train=fresh)
+    return None
+
+
+def train(cfg: RunConfig, *, progress: bool = True) -> TrainResult:
     """Run (or continue) a training run; returns the :class:`~iddpm.train.trainer.TrainResult`."""
     prepared = build_trainer(cfg, resume_from=resume_source(cfg), progress=progress)
     try:

@@ -1,16 +1,8 @@
-"""One typed configuration tree for every room of iddpm.
+"""``RunConfig``: what a training run is made of (model + diffusion + data + train sections).
 
-``RunConfig`` (model + diffusion + data + train) is what a training run is made of; it is
-validated once at the boundary (:meth:`RunConfig.validate`), saved as ``config.json`` in the
-run directory and inside every checkpoint, so that ``sample`` / ``nll`` / ``eval`` can rebuild
-the model and diffusion from the run directory alone.
-
-Flag names and meanings follow OpenAI's ``improved-diffusion`` scripts
-(``model_and_diffusion_defaults`` / ``image_train.py`` / ``super_res_train.py``).  Note the
-original's *scripts* default ``rescale_timesteps=True`` and ``rescale_learned_sigmas=True``
-while its ``create_gaussian_diffusion`` keyword defaults are both False; the config follows
-the scripts (it is what the CLI and released CIFAR-10 / ImageNet-64 unconditional checkpoints
-used); the library factory keeps the original's keyword defaults.
+Flag names and meanings follow OpenAI's ``improved-diffusion`` scripts (``model_and_diffusion_defaults`` /
+``image_train.py`` / ``super_res_train.py``), with their script defaults (``rescale_timesteps=True``,
+``rescale_learned_sigmas=True``; see :mod:`iddpm.config`).  ``validate()`` gives one-line errors.
 """
 
 from __future__ import annotations
@@ -20,44 +12,17 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-__all__ = [
-    "ConfigError",
-    "ModelConfig",
-    "DiffusionConfig",
-    "DataConfig",
-    "TrainConfig",
-    "RunConfig",
-    "PRESETS",
-    "preset",
-    "parse_int_list",
-    "parse_float_list",
-]
+from iddpm.config.core import (
+    ConfigError,
+    check_finite,
+    parse_float_list,
+    parse_int_list,
+    replace_checked,
+    section_from_dict,
+)
 
-
-class ConfigError(ValueError):
-    """A bad setting; the message is one line naming the flag/file and the fix."""
-
-
-def parse_int_list(text: str, flag: str) -> tuple[int, ...]:
-    """Parse ``"16,8"`` -> ``(16, 8)``; empty string -> ``()``."""
-    text = str(text).strip()
-    if not text:
-        return ()
-    try:
-        return tuple(int(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise ConfigError(f"--{flag} {text!r}: expected comma-separated integers, e.g. 16,8") from None
-
-
-def parse_float_list(text: str, flag: str) -> tuple[float, ...]:
-    """Parse ``"0.9999,0.999"`` -> ``(0.9999, 0.999)``."""
-    text = str(text).strip()
-    if not text:
-        return ()
-    try:
-        return tuple(float(p) for p in text.split(",") if p.strip())
-    except ValueError:
-        raise ConfigError(f"--{flag} {text!r}: expected comma-separated numbers, e.g. 0.9999") from None
+__all__ = ["ModelConfig", "DiffusionConfig", "DataConfig", "TrainConfig", "RunConfig", "SECTIONS", "section_of",
+           "apply_overrides"]
 
 
 @dataclass(frozen=True)
@@ -85,6 +50,7 @@ class ModelConfig:
         return self.small_size > 0
 
     def validate(self) -> None:
+        check_finite(self)
         if self.image_size < 1:
             raise ConfigError(f"--image_size {self.image_size}: must be a positive integer")
         if self.in_channels < 1:
@@ -124,8 +90,9 @@ class DiffusionConfig:
     rescale_learned_sigmas: bool = True
 
     def validate(self) -> None:
-        if self.diffusion_steps < 1:
-            raise ConfigError(f"--diffusion_steps {self.diffusion_steps}: must be >= 1")
+        if self.diffusion_steps < 2:
+            raise ConfigError(f"--diffusion_steps {self.diffusion_steps}: must be >= 2 (a diffusion needs at least "
+                              "two noise levels; the original's scripts use 1000-4000)")
         if self.noise_schedule not in ("linear", "cosine"):
             raise ConfigError(f"--noise_schedule {self.noise_schedule!r}: choose linear or cosine")
         if self.noise_schedule == "linear" and self.diffusion_steps < 21:
@@ -190,6 +157,7 @@ class TrainConfig:
         return "fp16" if self.use_fp16 else self.precision
 
     def validate(self) -> None:
+        check_finite(self)
         if self.lr <= 0:
             raise ConfigError(f"--lr {self.lr}: must be > 0")
         if self.batch_size < 1:
@@ -211,6 +179,10 @@ class TrainConfig:
             raise ConfigError(f"--keep_last {self.keep_last}: must be >= 1")
         if self.grad_clip < 0:
             raise ConfigError(f"--grad_clip {self.grad_clip}: must be >= 0 (0 = off)")
+        for name in ("save_interval", "max_steps", "max_minutes", "lr_anneal_steps", "warmup_steps", "sample_every",
+                     "weight_decay", "log_interval"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} {getattr(self, name)}: must be >= 0 (0 = off)")
 
 
 @dataclass(frozen=True)
@@ -240,66 +212,31 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> RunConfig:
         """Build from a (possibly partial) nested dict; unknown keys are an error naming ``source``."""
-        sections = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a JSON object of config sections, got {type(d).__name__}")
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
             if key == "preset":
                 kwargs["preset"] = str(value)
                 continue
-            if key not in sections:
-                raise ConfigError(f"{source}: unknown section {key!r}; expected one of {sorted(sections)} or preset")
-            kwargs[key] = _section_from_dict(sections[key], value, f"{source}: [{key}]")
+            if key not in SECTIONS:
+                raise ConfigError(f"{source}: unknown section {key!r}; expected one of {sorted(SECTIONS)} or preset")
+            kwargs[key] = section_from_dict(SECTIONS[key], value, f"{source}: [{key}]")
         return cls(**kwargs)
 
     def replace(self, **sections: Any) -> RunConfig:
         return dataclasses.replace(self, **sections)
 
 
-def _section_from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
-    names = {f.name: f for f in fields(cls)}
-    out = {}
-    for k, v in (values or {}).items():
-        if k not in names:
-            raise ConfigError(f"{where}: unknown key {k!r}")
-        out[k] = _coerce(names[k], v, where)
-    return cls(**out)
-
-
-def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
-    default = f.default
-    typ = type(default)
-    try:
-        if typ is bool:
-            if isinstance(value, str):
-                low = value.strip().lower()
-                if low in ("1", "true", "yes", "y", "t"):
-                    return True
-                if low in ("0", "false", "no", "n", "f"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if typ is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(value)
-        if typ is float:
-            return float(value)
-        if typ is str:
-            if isinstance(value, (list, tuple)):
-                return ",".join(str(v) for v in value)
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: {f.name}={value!r} is not a valid {typ.__name__}") from None
-    return value
+# The one map from section name to its dataclass (flags, files and JSON all go through it).
+SECTIONS: dict[str, type] = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig,
+                             "train": TrainConfig}
+_SECTION_OF_FLAG = {f.name: sec for sec, cls in SECTIONS.items() for f in fields(cls)}
 
 
 def section_of(flag: str) -> str | None:
     """Which section a flat flag name belongs to (``"lr"`` -> ``"train"``), or None."""
-    for name, cls in (("model", ModelConfig), ("diffusion", DiffusionConfig), ("data", DataConfig),
-                      ("train", TrainConfig)):
-        if flag in {f.name for f in fields(cls)}:
-            return name
-    return None
+    return _SECTION_OF_FLAG.get(flag)
 
 
 def apply_overrides(cfg: RunConfig, flat: dict[str, Any], source: str = "flags") -> RunConfig:
@@ -310,64 +247,5 @@ def apply_overrides(cfg: RunConfig, flat: dict[str, Any], source: str = "flags")
         if sec is None:
             raise ConfigError(f"{source}: unknown setting {k!r}")
         nested.setdefault(sec, {})[k] = v
-    updates = {}
-    for sec, values in nested.items():
-        current = getattr(cfg, sec)
-        names = {f.name: f for f in fields(current)}
-        coerced = {k: _coerce(names[k], v, f"{source}: [{sec}]") for k, v in values.items()}
-        updates[sec] = dataclasses.replace(current, **coerced)
+    updates = {sec: replace_checked(getattr(cfg, sec), values, f"{source}: [{sec}]") for sec, values in nested.items()}
     return dataclasses.replace(cfg, **updates)
-
-
-# --------------------------------------------------------------------------------------------
-# Presets.  Flat overrides on top of the defaults.  The five released models use the flags of
-# the original README (see ../shared/reference/unet_keys.json); note their differing
-# rescale_timesteps / rescale_learned_sigmas.
-# --------------------------------------------------------------------------------------------
-_RELEASED_COMMON = dict(learn_sigma=True, noise_schedule="cosine", diffusion_steps=4000, num_heads=4,
-                        attention_resolutions="16,8", use_scale_shift_norm=True)
-
-PRESETS: dict[str, dict[str, Any]] = {
-    # tiny CPU preset for the bundled 8x8 digits
-    "digits": dict(image_size=8, in_channels=1, num_channels=64, num_res_blocks=2, channel_mult="1,2",
-                   attention_resolutions="4", num_heads=4, dropout=0.0, learn_sigma=True,
-                   noise_schedule="cosine", diffusion_steps=1000, class_cond=False, num_classes=10,
-                   rescale_timesteps=True, rescale_learned_sigmas=True, lr=2e-4, batch_size=64,
-                   ema_rate="0.999", use_scale_shift_norm=True),
-    # 32x32x3, 64 channels, 2 res blocks, attention at 16 and 8, learned sigmas
-    "cifar-small": dict(image_size=32, in_channels=3, num_channels=64, num_res_blocks=2, channel_mult="1,2,2,2",
-                        attention_resolutions="16,8", num_heads=4, dropout=0.1, learn_sigma=True,
-                        noise_schedule="cosine", diffusion_steps=4000, rescale_timesteps=True,
-                        rescale_learned_sigmas=True, lr=1e-4, batch_size=32),
-    "cifar10_uncond": dict(_RELEASED_COMMON, image_size=32, num_channels=128, num_res_blocks=3, dropout=0.3,
-                           rescale_timesteps=True, rescale_learned_sigmas=True, lr=1e-4, batch_size=128),
-    "imagenet64_uncond": dict(_RELEASED_COMMON, image_size=64, num_channels=128, num_res_blocks=3,
-                              rescale_timesteps=True, rescale_learned_sigmas=True, lr=1e-4, batch_size=128),
-    "imagenet64_cond": dict(_RELEASED_COMMON, image_size=64, num_channels=192, num_res_blocks=3, class_cond=True,
-                            num_classes=1000, rescale_timesteps=False, rescale_learned_sigmas=False,
-                            lr=3e-4, batch_size=2048),
-    "upsample256": dict(_RELEASED_COMMON, image_size=256, small_size=64, num_channels=192, num_res_blocks=2,
-                        noise_schedule="linear", class_cond=True, num_classes=1000, rescale_timesteps=False,
-                        rescale_learned_sigmas=False, lr=3e-4, batch_size=256),
-    "lsun_bedroom": dict(image_size=256, num_channels=128, num_res_blocks=2, num_heads=1, attention_resolutions="16",
-                         learn_sigma=True, noise_schedule="linear", diffusion_steps=1000,
-                         use_scale_shift_norm=False, dropout=0.0, rescale_timesteps=False,
-                         rescale_learned_sigmas=False, lr=1e-4, batch_size=128),
-}
-
-# The released checkpoint file each preset loads.
-RELEASED_CHECKPOINTS = {
-    "cifar10_uncond": "cifar10_uncond_50M_500K.pt",
-    "imagenet64_uncond": "imagenet64_uncond_100M_1500K.pt",
-    "imagenet64_cond": "imagenet64_cond_270M_250K.pt",
-    "upsample256": "upsample_cond_500K.pt",
-    "lsun_bedroom": "lsun_uncond_100M_1200K_bs128.pt",
-}
-
-
-def preset(name: str, base: RunConfig | None = None) -> RunConfig:
-    """The :class:`RunConfig` of a named preset (on top of ``base`` or the defaults)."""
-    if name not in PRESETS:
-        raise ConfigError(f"--preset {name!r}: unknown; choose one of {', '.join(sorted(PRESETS))}")
-    cfg = apply_overrides(base or RunConfig(), PRESETS[name], source=f"preset {name}")
-    return dataclasses.replace(cfg, preset=name)

@@ -1,0 +1,38 @@
+"""The folder ``iddpm sample`` / ``iddpm upsample`` write: the original's npz, a grid, PNGs, trajectory, info."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from iddpm.runtime.atomic import atomic_write_text
+from iddpm.sample.loop import SampleResult
+from iddpm.sample.output import save_grid, save_npz, save_pngs, save_trajectory
+
+__all__ = ["write_sample_folder"]
+
+
+def write_sample_folder(result: SampleResult, out: str | os.PathLike, *, grid_size: int = 64,
+                        save_png_files: bool = False, trajectory: str = "",
+                        info: dict[str, Any] | None = None) -> list[Path]:
+    """Write ``samples_{N}x{H}x{W}x{C}.npz`` (arr_0 uint8 NHWC, arr_1 labels), ``grid.png`` (the first
+    ``grid_size`` samples; 0 = none), ``pngs/`` (``save_png_files``), ``trajectory.png|gif`` (when the result has
+    one; ``trajectory`` = "strip" or "gif") and ``sample_info.json`` into ``out``; returns the paths written,
+    the npz first.  Each file is written atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = [save_npz(out, result.images, result.labels)]
+    if grid_size > 0:
+        written.append(save_grid(result.images[:grid_size], out / "grid.png"))
+    if save_png_files:
+        save_pngs(result.images, out / "pngs", labels=result.labels)
+        written.append(out / "pngs")
+    if result.trajectory is not None:
+        fmt = "gif" if trajectory == "gif" else "strip"
+        written.append(save_trajectory(result.trajectory, out / f"trajectory{'.gif' if fmt == 'gif' else '.png'}",
+                                       fmt=fmt))
+    if info is not None:
+        atomic_write_text(out / "sample_info.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
+    return written
