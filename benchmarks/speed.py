@@ -47,7 +47,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from iddpm.api import build_diffusion, build_model
+from iddpm.build import build_diffusion, build_model
 from iddpm.config import preset
 from iddpm.models import optimize
 
@@ -56,15 +56,23 @@ VARIANTS = ("eager", "fast", "compile", "bf16", "fast+fusedadam")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "speed"
 
 
-def measure_matmul_peak(n: int = 2048, reps: int = 7, dtype: torch.dtype = torch.float32) -> float:
-    """Best ``torch.mm`` throughput in GFLOP/s over ``reps`` runs of an n^3 product in ``dtype``."""
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_matmul_peak(n: int = 2048, reps: int = 7, dtype: torch.dtype = torch.float32, device="cpu") -> float:
+    """Best ``torch.mm`` throughput in GFLOP/s over ``reps`` runs of an n^3 product in ``dtype`` on ``device``
+    (CUDA: synchronised around each product; benchmarks/gpu_check.py uses it with a larger n)."""
+    a = torch.randn(n, n).to(device=device, dtype=dtype)
+    b = torch.randn(n, n).to(device=device, dtype=dtype)
     torch.mm(a, b)
     best = float("inf")
     for _ in range(reps):
+        _sync(device)
         t0 = time.perf_counter()
         torch.mm(a, b)
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 
@@ -106,14 +114,15 @@ def load_average() -> list[float] | None:
 
 
 class _Bf16Forward(nn.Module):
-    """Runs the wrapped module under CPU bf16 autocast and returns float32."""
+    """Runs the wrapped module under bf16 autocast (CPU unless ``device_type`` says otherwise) and returns float32."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, device_type: str = "cpu"):
         super().__init__()
         self.inner = module
+        self.device_type = device_type
 
     def forward(self, x, timesteps, **kwargs):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
             out = self.inner(x, timesteps, **kwargs)
         return out.float()
 
