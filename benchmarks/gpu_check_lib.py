@@ -95,9 +95,8 @@ def run_check(group: str, name: str, fn: Callable[[], Check | list[Check]]) -> l
         first = (str(exc).strip().splitlines() or [""])[0][:300]
         checks = [Check(group, name, "fail", f"{type(exc).__name__}: {first}",
                         {"traceback": traceback.format_exc()[-4000:]})]
-    dt = (time.perf_counter() - t0) / len(checks)
-    for c in checks:
-        c.seconds = c.seconds or dt
+    if len(checks) == 1 and not checks[0].seconds:  # a group's rows were timed one by one inside it
+        checks[0].seconds = time.perf_counter() - t0
     return checks
 
 
