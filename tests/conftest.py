@@ -11,9 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-REFERENCE_DIR = Path(os.environ.get("IDDPM_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
+from helpers import REFERENCE_DIR, restore_torch_process_settings, torch_process_settings
 
 
 def pytest_configure(config):
@@ -27,8 +25,6 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def torch_settings_baseline() -> dict:
     """torch's process-wide settings as the session starts (after the worker's thread choice above)."""
-    from helpers import torch_process_settings
-
     return torch_process_settings()
 
 
@@ -39,8 +35,6 @@ def _restore_torch_settings(torch_settings_baseline):
     (e.g. ``iddpm demo --threads``) must not change the kernels, hence the float32 round-off, of later tests in
     the same worker.  The baseline, not the value before the test, is restored, so that a change made by a
     module-scoped fixture (set up before this fixture) ends with the first test that used it."""
-    from helpers import restore_torch_process_settings
-
     yield
     restore_torch_process_settings(torch_settings_baseline)
 

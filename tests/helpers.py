@@ -2,8 +2,78 @@
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
+
+# The original implementation's numbers: ../shared/reference beside the repository (IDDPM_REFERENCE_DIR overrides).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = Path(os.environ.get("IDDPM_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
+
+# iddpm is imported inside the functions below: conftest.py imports this module for every test, including
+# those that import no iddpm module at all.
+
+# The tiny U-Net most tests build, save, sample and evaluate: 8x8, one channel, 32 channels, one residual block,
+# attention at 4x4, learned sigmas, 20 cosine-schedule steps.  Config field names (``apply_overrides``).
+TINY_MODEL = dict(image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+                  attention_resolutions="4", learn_sigma=True, diffusion_steps=20, noise_schedule="cosine")
+
+# The network that the ``iddpm train`` tests train (40 steps); each test file adds its channels, batch and logging.
+TINY_TRAIN_FLAGS = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
+                    "--attention_resolutions", "4", "--num_heads", "2", "--diffusion_steps", "40",
+                    "--noise_schedule", "cosine", "--no_progress"]
+
+
+def tiny_cfg(**overrides):
+    """The validated RunConfig of :data:`TINY_MODEL` with ``overrides`` (config field names)."""
+    from iddpm.config import RunConfig, apply_overrides
+
+    return apply_overrides(RunConfig(), dict(TINY_MODEL, **overrides)).validate()
+
+
+def save_tiny_model(path, cfg, seed: int = 0):
+    """A model file (safetensors with its config) of ``cfg`` holding :func:`random_weights` (``seed``)."""
+    from iddpm.checkpoints.model_file import save_model_file
+
+    return save_model_file(path, random_weights(cfg, seed), cfg)
+
+
+def tiny_unet(**overrides):
+    """A UNetModel (3 -> 6 channels, 32 wide, attention at downsample rate 2, scale-shift norm) built under seed 0,
+    with the layers the original zero-initialises (output convolutions) filled from N(0, 0.05^2), so every path
+    matters."""
+    from iddpm.models import UNetModel
+
+    args = dict(in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1, attention_resolutions=(2,),
+                dropout=0.0, channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True)
+    args.update(overrides)
+    torch.manual_seed(0)
+    model = UNetModel(**args)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return model
+
+
+def reference_json(name: str):
+    """``name`` (JSON) from the reference folder, read at import time for ``parametrize``; None when absent."""
+    path = REFERENCE_DIR / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def reference_params(data, section: str, *, value=None, id=None) -> list:
+    """pytest params over ``data[section]`` (a dict: its keys; a list: ``value(entry)``, default the entry), with ids
+    ``id(param)`` (default str); one skipped param when the reference data are absent (``data`` is None)."""
+    if data is None:
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no reference data at {REFERENCE_DIR}"))]
+    items = data[section]
+    values = list(items) if isinstance(items, dict) else [value(e) if value else e for e in items]
+    return [pytest.param(v, id=(id or str)(v)) for v in values]
 
 
 def assert_same_images(a, b):

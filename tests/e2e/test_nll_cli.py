@@ -13,25 +13,18 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import random_weights
+from helpers import save_tiny_model, tiny_cfg
 
 from iddpm import api
-from iddpm.checkpoints.model_file import save_model_file
 from iddpm.cli.main import main
-from iddpm.config import RunConfig, apply_overrides
 from iddpm.diffusion import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from iddpm.models import optimize
 from iddpm.sample.noise import PerSampleNoise
 
-TINY = dict(image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2",
-            attention_resolutions="4", learn_sigma=True, diffusion_steps=20, noise_schedule="cosine")
-
-
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    cfg = apply_overrides(RunConfig(), TINY).validate()
-    return save_model_file(tmp_path_factory.mktemp("m") / "m.safetensors", random_weights(cfg), cfg)
+    return save_tiny_model(tmp_path_factory.mktemp("m") / "m.safetensors", tiny_cfg())
 
 
 def test_nll_summary_and_csv(ckpt, tmp_path, capsys):

@@ -10,22 +10,14 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same_images, random_weights
+from helpers import TINY_MODEL, assert_same_images, random_weights, save_tiny_model, tiny_cfg
 from PIL import Image
 
-from iddpm.checkpoints.model_file import save_model_file
 from iddpm.cli.main import main
-from iddpm.config import RunConfig, apply_overrides
-
-TINY = dict(image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2",
-            attention_resolutions="4", learn_sigma=True, diffusion_steps=20, noise_schedule="cosine")
-
-
 
 
 def make_checkpoint(path, **kw):
-    cfg = apply_overrides(RunConfig(), dict(TINY, **kw)).validate()
-    return save_model_file(path, random_weights(cfg), cfg)
+    return save_tiny_model(path, tiny_cfg(**kw))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +28,7 @@ def uncond(tmp_path_factory):
     step.mkdir(parents=True)
     make_checkpoint(step / "model.safetensors")
     make_checkpoint(step / "ema_0.9999.safetensors")
-    (root / "config.json").write_text(apply_overrides(RunConfig(), TINY).to_json())
+    (root / "config.json").write_text(tiny_cfg().to_json())
     return root
 
 
@@ -131,10 +123,10 @@ def test_missing_run_and_pt_without_preset(tmp_path, capsys):
 
 
 def test_original_pt_with_flags(tmp_path):
-    cfg = apply_overrides(RunConfig(), TINY).validate()
+    cfg = tiny_cfg()
     pt = tmp_path / "orig.pt"
     torch.save(random_weights(cfg, 1), pt)
-    flags = [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
+    flags = [x for k, v in TINY_MODEL.items() for x in (f"--{k}", str(v))]
     assert sample(pt, tmp_path / "o", "--num_samples", "2", "--timestep_respacing", "3", *flags) == 0
     assert np.load(tmp_path / "o" / "samples_2x8x8x1.npz")["arr_0"].shape == (2, 8, 8, 1)
 

@@ -8,14 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_TRAIN_FLAGS
 from PIL import Image
 
 from iddpm.checkpoints.run_dir import list_checkpoints, load_checkpoint, read_config
 from iddpm.cli.main import main
 
-TINY = ["--image_size", "8", "--num_channels", "32", "--num_res_blocks", "1", "--channel_mult", "1,2",
-        "--attention_resolutions", "4", "--num_heads", "2", "--diffusion_steps", "40", "--noise_schedule", "cosine",
-        "--batch_size", "4", "--log_interval", "1", "--no_progress"]
+TINY = [*TINY_TRAIN_FLAGS, "--batch_size", "4", "--log_interval", "1"]
 
 
 @pytest.fixture(autouse=True)

@@ -4,14 +4,13 @@ import json
 
 import pytest
 import torch
+from helpers import TINY_TRAIN_FLAGS
 from safetensors.torch import load_file
 
 from iddpm.cli.main import main
 
-TINY = ["--image_size", "8", "--in_channels", "1", "--num_channels", "32", "--num_res_blocks", "1",
-        "--channel_mult", "1,2", "--attention_resolutions", "4", "--num_heads", "2", "--diffusion_steps", "40",
-        "--noise_schedule", "cosine", "--learn_sigma", "True", "--batch_size", "8", "--lr", "1e-3",
-        "--log_interval", "2", "--no_progress"]
+TINY = [*TINY_TRAIN_FLAGS, "--in_channels", "1", "--learn_sigma", "True", "--batch_size", "8", "--lr", "1e-3",
+        "--log_interval", "2"]
 
 
 def _files(step_dir):

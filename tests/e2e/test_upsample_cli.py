@@ -6,23 +6,17 @@ import json
 
 import numpy as np
 import pytest
-from helpers import assert_same_images, random_weights
+from helpers import assert_same_images, save_tiny_model, tiny_cfg
 
 from iddpm import api
-from iddpm.checkpoints.model_file import save_model_file
 from iddpm.cli.main import main
-from iddpm.config import RunConfig, apply_overrides
 from iddpm.sample import save_npz
 
-SR = dict(image_size=8, small_size=4, in_channels=3, num_channels=32, num_res_blocks=1, channel_mult="1,2",
-          attention_resolutions="4", learn_sigma=True, diffusion_steps=20, noise_schedule="cosine")
-
-
+SR = dict(small_size=4, in_channels=3)  # the tiny U-Net as an RGB 4x4 -> 8x8 super-resolution model
 
 
 def make_sr(path, **kw):
-    cfg = apply_overrides(RunConfig(), dict(SR, **kw)).validate()
-    return save_model_file(path, random_weights(cfg), cfg)
+    return save_tiny_model(path, tiny_cfg(**dict(SR, **kw)))
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +75,7 @@ def test_upsample_errors(tmp_path, base, capsys):
     assert upsample(cond, unlabeled / "samples_2x4x4x3.npz", tmp_path / "o") == 2
     assert "no arr_1 labels" in capsys.readouterr().err
     base_model = tmp_path / "base.safetensors"
-    cfg = apply_overrides(RunConfig(), dict(SR, small_size=0)).validate()
-    save_model_file(base_model, random_weights(cfg), cfg)
+    save_tiny_model(base_model, tiny_cfg(**dict(SR, small_size=0)))
     assert upsample(base_model, base_npz, tmp_path / "o") == 2
     assert "not a super-resolution model" in capsys.readouterr().err
     assert main(["sample", "--run", str(sr), "--out", str(tmp_path / "o"), "--quiet"]) == 2

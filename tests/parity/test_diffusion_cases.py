@@ -7,13 +7,10 @@ ill-conditioned with rtol 0.1 and against the float64 re-run.
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from helpers import reference_json, reference_params
 
 from iddpm.diffusion import (
     GaussianDiffusion,
@@ -25,17 +22,11 @@ from iddpm.diffusion import (
     space_timesteps,
 )
 
-_REF = Path(os.environ.get("IDDPM_REFERENCE_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "reference"))
-_JSON = json.loads((_REF / "diffusion_cases.json").read_text()) if (_REF / "diffusion_cases.json").is_file() else None
+_JSON = reference_json("diffusion_cases.json")
 
 
 def _params(section: str, key: str = "id"):
-    if _JSON is None:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no reference data at {_REF}"))]
-    items = _JSON[section]
-    if isinstance(items, dict):
-        return [pytest.param(k, id=k) for k in items]
-    return [pytest.param(e[key], id=e[key]) for e in items]
+    return reference_params(_JSON, section, value=lambda e: e[key])
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +217,12 @@ def _loop_diffusion(js, e):
     return make_diffusion(js, e["diffusion"], e["model_mean_type"], e["model_var_type"], "MSE", e["rescale_timesteps"])
 
 
+def _unspaced_diffusion(js, e):
+    """The entry's settings on the un-respaced diffusion of its schedule."""
+    name = next(k for k, d in js["diffusions"].items() if d["respacing"] is None and d["schedule"] == e["schedule"])
+    return make_diffusion(js, name, e["model_mean_type"], e["model_var_type"], "MSE", e["rescale_timesteps"])
+
+
 @pytest.mark.parametrize("lid", _params("ddim_sample_loop"))
 def test_ddim_sample_loop(ref, lid):
     js, z = ref
@@ -263,8 +260,7 @@ def test_ddim_loop_draws_every_step(ref):
 def test_p_sample_loop(ref, lid):
     js, z = ref
     e = next(e for e in js["p_sample_loop"] if e["id"] == lid)
-    name = next(k for k, d in js["diffusions"].items() if d["respacing"] is None and d["schedule"] == e["schedule"])
-    diff = make_diffusion(js, name, e["model_mean_type"], e["model_var_type"], "MSE", e["rescale_timesteps"])
+    diff = _unspaced_diffusion(js, e)
     assert diff.num_timesteps == e["num_timesteps"]
     x_T = t_(z[e["arrays"]["x_T"]])
     seq = t_(z[e["arrays"]["noise_sequence"]])
@@ -284,8 +280,7 @@ def test_p_sample_loop(ref, lid):
 def test_calc_bpd_loop(ref, bid):
     js, z = ref
     e = next(e for e in js["calc_bpd_loop"] if e["id"] == bid)
-    name = next(k for k, d in js["diffusions"].items() if d["respacing"] is None and d["schedule"] == e["schedule"])
-    diff = make_diffusion(js, name, e["model_mean_type"], e["model_var_type"], "MSE", e["rescale_timesteps"])
+    diff = _unspaced_diffusion(js, e)
     a = e["arrays"]
     x0 = t_(z[a["x_start"]])
     out = diff.calc_bpd_loop(

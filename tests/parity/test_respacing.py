@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
+from helpers import reference_json, reference_params
 
 from iddpm.diffusion import (
     LossType,
@@ -19,19 +16,12 @@ from iddpm.diffusion import (
     space_timesteps,
 )
 
-_REF = Path(os.environ.get("IDDPM_REFERENCE_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "reference"))
-_JSON = json.loads((_REF / "respacing.json").read_text()) if (_REF / "respacing.json").is_file() else None
+_JSON = reference_json("respacing.json")
 
 
 def _params(section):
-    if _JSON is None:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no reference data at {_REF}"))]
-    return [
-        pytest.param(
-            e, id=f"{e.get('schedule', 'T')}{e.get('num_timesteps', e.get('original_num_steps'))}-{e['section_counts']}"
-        )
-        for e in _JSON[section]
-    ]
+    return reference_params(_JSON, section, id=lambda e: (
+        f"{e.get('schedule', 'T')}{e.get('num_timesteps', e.get('original_num_steps'))}-{e['section_counts']}"))
 
 
 @pytest.mark.parametrize("case", _params("space_timesteps"))

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
+from helpers import reference_json, reference_params
 
 from iddpm.diffusion import GaussianDiffusion, LossType, ModelMeanType, ModelVarType, get_named_beta_schedule
 
-_REF = Path(os.environ.get("IDDPM_REFERENCE_DIR", Path(__file__).resolve().parents[2].parent / "shared" / "reference"))
-_JSON = json.loads((_REF / "schedules.json").read_text()) if (_REF / "schedules.json").is_file() else None
+_JSON = reference_json("schedules.json")
 
 
 def _params(section):
-    if _JSON is None:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no reference data at {_REF}"))]
-    return [pytest.param(k, id=k) for k in _JSON[section]]
+    return reference_params(_JSON, section)
 
 
 @pytest.fixture(scope="module")

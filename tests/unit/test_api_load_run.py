@@ -5,28 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same_images
+from helpers import TINY_MODEL, assert_same_images, random_weights, save_tiny_model, tiny_cfg
 
 from iddpm import api
-from iddpm.checkpoints.model_file import save_model_file
-from iddpm.config import ConfigError, RunConfig, apply_overrides
-
-TINY = dict(image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2",
-            attention_resolutions="4", learn_sigma=True, diffusion_steps=20, noise_schedule="cosine")
-
-
-
-def tiny_cfg(**kw) -> RunConfig:
-    return apply_overrides(RunConfig(), dict(TINY, **kw)).validate()
-
-
-def weights(cfg, seed):
-    """State_dict of a tiny model; zero-initialised layers are filled so that outputs depend on the inputs."""
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    sd = api.build_model(cfg).state_dict()
-    return {k: torch.randn(v.shape, generator=g) * 0.1 if v.is_floating_point() and not v.any() else v
-            for k, v in sd.items()}
+from iddpm.config import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +21,10 @@ def run_dir(tmp_path_factory):
     new = root / "checkpoints" / "step_00000010"
     old.mkdir(parents=True)
     new.mkdir(parents=True)
-    save_model_file(old / "model.safetensors", weights(cfg, 0), cfg)
-    save_model_file(old / "ema_0.9999.safetensors", weights(cfg, 0), cfg)
+    save_tiny_model(old / "model.safetensors", cfg)
+    save_tiny_model(old / "ema_0.9999.safetensors", cfg)
     for name, seed in (("model", 1), ("ema_0.9999", 2), ("ema_0.99", 3)):
-        save_model_file(new / f"{name}.safetensors", weights(cfg, seed), cfg)
+        save_tiny_model(new / f"{name}.safetensors", cfg, seed)
     return root
 
 
@@ -52,7 +34,7 @@ def first_param(model):
 
 def test_run_dir_latest_step_ema_by_default(run_dir):
     model, diffusion, cfg = api.load_run(run_dir)
-    assert torch.equal(first_param(model), next(iter(weights(cfg, 2).values())))
+    assert torch.equal(first_param(model), next(iter(random_weights(cfg, 2).values())))
     assert not model.training
     assert diffusion.num_timesteps == 20 and cfg.model.image_size == 8
 
@@ -60,9 +42,9 @@ def test_run_dir_latest_step_ema_by_default(run_dir):
 def test_raw_weights_and_ema_rate(run_dir):
     cfg = tiny_cfg()
     raw, _, _ = api.load_run(run_dir, use_ema=False)
-    assert torch.equal(first_param(raw), next(iter(weights(cfg, 1).values())))
+    assert torch.equal(first_param(raw), next(iter(random_weights(cfg, 1).values())))
     ema99, _, _ = api.load_run(run_dir / "checkpoints" / "step_00000010", ema_rate="0.99")
-    assert torch.equal(first_param(ema99), next(iter(weights(cfg, 3).values())))
+    assert torch.equal(first_param(ema99), next(iter(random_weights(cfg, 3).values())))
     with pytest.raises(ConfigError, match="available rates: 0.9999, 0.99"):
         api.load_run(run_dir, ema_rate=0.5)
 
@@ -97,7 +79,7 @@ def test_errors_are_one_line(tmp_path, run_dir):
         api.load_run(empty)
     no_ema = tmp_path / "noema"
     no_ema.mkdir()
-    save_model_file(no_ema / "model.safetensors", weights(tiny_cfg(), 0), tiny_cfg())
+    save_tiny_model(no_ema / "model.safetensors", tiny_cfg())
     with pytest.raises(ConfigError, match="--no_ema"):
         api.load_run(no_ema)
     assert api.load_run(no_ema, use_ema=False)[2].model.num_channels == 32
@@ -105,21 +87,21 @@ def test_errors_are_one_line(tmp_path, run_dir):
 
 def test_original_pt_needs_settings(tmp_path):
     cfg = tiny_cfg()
-    sd = weights(cfg, 5)
+    sd = random_weights(cfg, 5)
     pt = tmp_path / "model.pt"
     torch.save(sd, pt)
     with pytest.raises(ConfigError, match="--preset"):
         api.load_run(pt)
-    model, diffusion, got = api.load_run(pt, overrides=TINY)
+    model, diffusion, got = api.load_run(pt, overrides=TINY_MODEL)
     assert torch.equal(first_param(model), next(iter(sd.values())))
     assert diffusion.num_timesteps == 20
     with pytest.raises(ConfigError, match="does not match"):
-        api.load_run(pt, overrides=dict(TINY, num_channels=64))
+        api.load_run(pt, overrides=dict(TINY_MODEL, num_channels=64))
 
 
 def test_released_file_name_picks_its_preset(tmp_path):
     pt = tmp_path / "cifar10_uncond_50M_500K.pt"
-    torch.save(weights(tiny_cfg(), 0), pt)  # the name says cifar10_uncond; the tiny weights do not fit it
+    torch.save(random_weights(tiny_cfg(), 0), pt)  # the name says cifar10_uncond; the tiny weights do not fit it
     with pytest.raises(ConfigError, match="preset cifar10_uncond"):
         api.load_run(pt)
 
@@ -133,7 +115,7 @@ def test_api_sample_from_run(run_dir):
 
 def test_api_sample_class_conditional(tmp_path):
     cfg = tiny_cfg(class_cond=True, num_classes=4)
-    path = save_model_file(tmp_path / "c.safetensors", weights(cfg, 0), cfg)
+    path = save_tiny_model(tmp_path / "c.safetensors", cfg)
     res = api.sample(path, num_samples=5, classes="balanced", timestep_respacing="ddim4", use_ddim=True)
     np.testing.assert_array_equal(res.labels, [0, 1, 2, 3, 0])
 
@@ -166,9 +148,9 @@ def test_default_ema_file_is_the_first_configured_rate(tmp_path):
     cfg = tiny_cfg(ema_rate="0.99,0.9999")
     step = tmp_path / "checkpoints" / "step_00000001"
     step.mkdir(parents=True)
-    save_model_file(step / "model.safetensors", weights(cfg, 0), cfg)
-    save_model_file(step / "ema_0.9999.safetensors", weights(cfg, 1), cfg)
-    save_model_file(step / "ema_0.99.safetensors", weights(cfg, 2), cfg)
+    save_tiny_model(step / "model.safetensors", cfg)
+    save_tiny_model(step / "ema_0.9999.safetensors", cfg, 1)
+    save_tiny_model(step / "ema_0.99.safetensors", cfg, 2)
     assert api.pick_weights_file(step).name == "ema_0.99.safetensors"
     model, _, _ = api.load_run(tmp_path)
-    assert torch.equal(first_param(model), next(iter(weights(cfg, 2).values())))
+    assert torch.equal(first_param(model), next(iter(random_weights(cfg, 2).values())))

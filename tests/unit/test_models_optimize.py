@@ -10,21 +10,13 @@ import sys
 
 import pytest
 import torch
+from helpers import tiny_unet
 
 from iddpm.models import OptimizedUNet, SuperResModel, UNetModel, optimize
 
 
 def tiny(**kw) -> UNetModel:
-    args = dict(in_channels=3, model_channels=32, out_channels=6, num_res_blocks=1, attention_resolutions=(2,),
-                dropout=0.0, channel_mult=(1, 2), num_heads=2, use_scale_shift_norm=True, num_classes=4)
-    args.update(kw)
-    torch.manual_seed(0)
-    model = UNetModel(**args)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.normal_(0, 0.05)
-    return model
+    return tiny_unet(**{"num_classes": 4, **kw})
 
 
 def batch(size=8):

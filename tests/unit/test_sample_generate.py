@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same_images
+from helpers import assert_same_images, random_weights, tiny_cfg
 
 from iddpm.config import ConfigError
 from iddpm.diffusion import create_gaussian_diffusion
@@ -159,19 +159,12 @@ def test_trajectory(diffusion):
 
 def test_tiny_unet_batch_invariance():
     """A real (tiny) U-Net: batch 2 vs 4 gives the same images up to the network's float round-off."""
-    from iddpm.api import build_model
-    from iddpm.config import RunConfig, apply_overrides
+    from iddpm.build import build_model
 
-    cfg = apply_overrides(RunConfig(), dict(image_size=8, num_channels=32, num_res_blocks=1, in_channels=1,
-                                            channel_mult="1,2", attention_resolutions="4", learn_sigma=True,
-                                            diffusion_steps=10, noise_schedule="cosine"))
-    torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    with torch.no_grad():  # fill the zero-initialised output layers so outputs depend on the input
-        g = torch.Generator().manual_seed(0)
-        for p in model.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    cfg = tiny_cfg(diffusion_steps=10)
+    model = build_model(cfg)
+    model.load_state_dict(random_weights(cfg))  # outputs depend on the input
+    model.eval()
     diff = create_gaussian_diffusion(steps=10, learn_sigma=True, noise_schedule="cosine", rescale_timesteps=True)
     kw = dict(num_samples=4, image_shape=(1, 8, 8), seed=11, progress=False, return_float=True)
     a = generate(model, diff, batch_size=2, **kw)
