@@ -7,25 +7,22 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import random_weights
+from helpers import random_weights, tiny_cfg
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install 'iddpm[diffusers]')")
 
 from iddpm.build import build_model  # noqa: E402
 from iddpm.checkpoints.model_file import read_model_file, save_model_file  # noqa: E402
 from iddpm.cli.main import main  # noqa: E402
-from iddpm.config import RunConfig, apply_overrides  # noqa: E402
 
 diffusers.utils.logging.set_verbosity_error()
 
-TINY = dict(image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2",
-            attention_resolutions="4", num_heads=2, learn_sigma=True, diffusion_steps=20, noise_schedule="cosine",
-            rescale_timesteps=False)
+TINY = dict(num_heads=2, rescale_timesteps=False)  # on top of helpers.TINY_MODEL
 
 
 def make_run(root, **kw):
     """A run directory: config.json, checkpoints/step_*/{model, ema_0.9999}.safetensors (different weights)."""
-    cfg = apply_overrides(RunConfig(), dict(TINY, **kw)).validate()
+    cfg = tiny_cfg(**dict(TINY, **kw))
     step = root / "checkpoints" / "step_00000001"
     step.mkdir(parents=True)
     raw, ema = random_weights(cfg, seed=1), random_weights(cfg, seed=2)
