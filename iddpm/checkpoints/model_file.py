@@ -13,7 +13,11 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 
+from iddpm.build import build_model
+from iddpm.checkpoints.openai import check_state_dict
 from iddpm.config import ConfigError, RunConfig
 from iddpm.runtime.atomic import atomic_save_safetensors, atomic_write_text
 
@@ -49,14 +53,71 @@ def save_model_file(
     return path
 
 
-def _sniff(path: Path) -> str:
+_ZIP = b"PK\x03\x04"
+# torch.save's legacy (non-zip) format: a protocol-2 pickle whose first object is this magic number (a LONG1)
+_TORCH_LEGACY = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
+_HEADER_LEN = 8  # a safetensors file: u64 little-endian header length N, then N bytes of JSON, then tensor data
+
+
+def _safetensors_extent(path: Path, size: int) -> str | None:
+    """What is wrong with a file that starts like a safetensors file (its JSON header opens with ``{``), or None."""
     with open(path, "rb") as f:
-        head = f.read(4)
-    if head.startswith(b"PK\x03\x04"):
+        head = f.read(_HEADER_LEN + 1)
+        if len(head) <= _HEADER_LEN or head[_HEADER_LEN:] != b"{":
+            return None
+        n = int.from_bytes(head[:_HEADER_LEN], "little")
+        if _HEADER_LEN + n > size:
+            return (f"a truncated safetensors file (its header says {n} header bytes follow, the file has only "
+                    f"{size - _HEADER_LEN})")
+        f.seek(_HEADER_LEN)
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+            return "a safetensors file with a damaged header"
+    if _HEADER_LEN + n + max(ends, default=0) > size:
+        return "a truncated safetensors file (it ends before the tensor data its header lists)"
+    return "a damaged safetensors file"
+
+
+def _sniff(path: Path) -> str:
+    """What a file that safetensors could not read looks like, from its first bytes (for the error message)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(len(_TORCH_LEGACY))
+    if head.startswith(_ZIP):
         return "a PyTorch zip checkpoint (torch.save)"
-    if head[:1] == b"\x80":
+    if head.startswith(_TORCH_LEGACY):
         return "a Python pickle (legacy torch.save)"
+    damaged = _safetensors_extent(path, size)
+    if damaged:
+        return damaged
+    if size < _HEADER_LEN:
+        return f"not a safetensors file (only {size} bytes)"
+    if int.from_bytes(head[:_HEADER_LEN], "little") + _HEADER_LEN > size:
+        return "truncated or not a safetensors file (its header length points past the end of the file)"
     return "not a safetensors file"
+
+
+_JSON_KINDS = {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
+_CONVERTIBLE = ("a PyTorch zip checkpoint (torch.save)", "a Python pickle (legacy torch.save)")
+
+
+def _config_json(path, text: str) -> dict:
+    """The ``iddpm_config`` metadata parsed: a JSON object, else a one-line ConfigError naming the file."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: iddpm_config metadata is not valid JSON ({exc.msg}); the file is damaged or "
+                          "was not written by iddpm") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: iddpm_config metadata is nested too deeply to be a config; the file is damaged "
+                          "or was not written by iddpm") from None
+    if not isinstance(value, dict):
+        kind = _JSON_KINDS.get(type(value), type(value).__name__)
+        raise ConfigError(f"{path}: iddpm_config metadata is a JSON {kind}, not an object of config sections; the "
+                          "file is damaged or was not written by iddpm")
+    return value
 
 
 def read_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], RunConfig, dict[str, str]]:
@@ -66,22 +127,17 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], R
     ``.pt`` pickle -- convert those with ``iddpm convert-openai``), or a safetensors file without iddpm
     metadata.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: no such model file")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(p), framework="pt") as f:
             metadata = dict(f.metadata() or {})
         state_dict = load_file(str(p), device="cpu")
     except (SafetensorError, OSError, ValueError) as exc:
         kind = _sniff(p)
         hint = " (an original improved-diffusion .pt? run `iddpm convert-openai FILE.pt --preset NAME`)" \
-            if kind != "not a safetensors file" else ""
+            if kind in _CONVERTIBLE else ""
         raise ConfigError(f"{path}: cannot read as safetensors, it is {kind}{hint} [{type(exc).__name__}]") from None
     fmt = metadata.get("iddpm_format")
     if fmt is None or "iddpm_config" not in metadata:
@@ -91,10 +147,7 @@ def read_model_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], R
         )
     if fmt != FORMAT:
         raise ConfigError(f"{path}: iddpm_format {fmt!r} is not supported (expected {FORMAT!r}); upgrade iddpm")
-    try:
-        cfg_dict = json.loads(metadata["iddpm_config"])
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: iddpm_config metadata is not valid JSON ({exc.msg})") from None
+    cfg_dict = _config_json(path, metadata["iddpm_config"])
     cfg = RunConfig.from_dict(cfg_dict, source=f"{path} [iddpm_config]")
     return state_dict, cfg, metadata
 
@@ -105,9 +158,6 @@ def load_model_file(path: str | os.PathLike, device: str | torch.device = "cpu")
     The model is built on the meta device and its parameters are taken from the file (no random
     init pass); floating-point weights become float32.  A key/shape mismatch raises ConfigError.
     """
-    from iddpm.build import build_model
-    from iddpm.checkpoints.openai import check_state_dict
-
     state_dict, cfg, _ = read_model_file(path)
     check_state_dict(state_dict, cfg, source=str(path))
     with torch.device("meta"):

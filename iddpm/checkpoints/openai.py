@@ -11,6 +11,8 @@ wrong flag never silently produces noise.
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -105,18 +107,56 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], cfg: RunConfig, source
     raise ConfigError(f"{source} does not match the model of {used}: {'; '.join(problems)}; {hint}")
 
 
+def _refusal_message(path: Path, torch_message: str) -> str:
+    """Our one-line message for a file ``torch.load(weights_only=True)`` refused to unpickle."""
+    found = re.search(r"GLOBAL ([\w.]+)", torch_message)
+    holds = f"Python objects (e.g. {found.group(1)})" if found else "pickled Python data"
+    out = path.with_name(f"{path.stem}_state_dict.pt")
+    command = (f"python -c \"import torch; torch.save(torch.load({str(path)!r}, weights_only=False)['model'], "
+               f"{str(out)!r})\"")
+    return (f"{path}: not a plain state_dict of tensors: it holds {holds}, refused because unpickling it could run "
+            f"arbitrary code; only if you trust the file, convert it yourself with {command} (use the key that holds "
+            f"the weights in place of 'model') and pass {out.name}")
+
+
+def _load_error(path: Path, exc: Exception) -> str:
+    """A one-line description of why ``torch.load(weights_only=True)`` could not read ``path``."""
+    text = str(exc).strip()
+    if "Unsupported global" in text:
+        return _refusal_message(path, text)
+    if "PytorchStreamReader" in text:
+        return f"{path}: a damaged or truncated PyTorch zip file (torch.load could not read its archive)"
+    found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)", text) or re.search(r"^\s*(\S.*?)\s*$", text, re.M)
+    detail = f"{type(exc).__name__}: {found.group(1)[:120]}" if found else type(exc).__name__
+    return f"{path}: not a state_dict torch.load can read safely ({detail}); expected the original's .pt state_dict"
+
+
+def _check_magic(path: Path) -> None:
+    """Refuse (one line) a file that is neither a torch.save zip archive nor a pickle, before unpickling anything."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head.startswith(b"PK") or (len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5):
+        return
+    raise ConfigError(f"{path}: not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle); expected "
+                      "the original's .pt state_dict")
+
+
 def load_openai_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read an improved-diffusion ``.pt`` state_dict safely (``weights_only=True``) onto the CPU."""
+    """Read an improved-diffusion ``.pt`` state_dict safely (``weights_only=True``) onto the CPU.
+
+    A file holding other Python objects is refused (one line saying why and how to convert a trusted file);
+    nothing in it is executed.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: no such checkpoint file")
+    _check_magic(p)
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors, corrupt zip, not a torch file
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(
-            f"{path}: cannot read as a PyTorch state_dict with weights_only=True ({type(exc).__name__}: {first[:200]})"
-        ) from None
+        with warnings.catch_warnings():  # torch's note on pickle protocols: our message says what matters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling refusals, corrupt zip, not a torch file
+        raise ConfigError(_load_error(p, exc)) from None
     if isinstance(obj, dict) and not all(isinstance(v, torch.Tensor) for v in obj.values()):
         for key in ("state_dict", "model"):  # tolerate the common {"state_dict": ...} nesting
             inner = obj.get(key)

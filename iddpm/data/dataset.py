@@ -10,6 +10,7 @@ every worker / rank layout and no global RNG is touched.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from torch.utils.data import Dataset
 from iddpm.config import ConfigError
 from iddpm.data.digits import DIGITS_NUM_CLASSES, load_digits_split
 from iddpm.data.preprocess import preprocess_array, preprocess_pil, to_model_range
-from iddpm.data.sources import folder_labels, list_image_files, read_npz_images
+from iddpm.data.sources import check_image_files, folder_labels, image_problem, list_image_files, read_npz_images
 
 __all__ = ["ImageDataset", "ArrayImageDataset", "FolderImageDataset", "load_dataset", "flip_decision"]
 
@@ -109,7 +110,11 @@ class ArrayImageDataset(ImageDataset):
 
 
 class FolderImageDataset(ImageDataset):
-    """Image files read lazily (one ``PIL.Image.open`` per item), preprocessed like the original."""
+    """Image files read lazily (one ``PIL.Image.open`` per item), preprocessed like the original.
+
+    :func:`load_dataset` passes only files that passed :func:`~iddpm.data.sources.check_image_files`; one that
+    still fails to decode (changed since, or a format without a cheap check) raises a one-line ConfigError naming it.
+    """
 
     def __init__(self, files: list[Path], labels: np.ndarray | None, *, image_size: int, in_channels: int, **kw):
         super().__init__(image_size=image_size, in_channels=in_channels, labels=labels, **kw)
@@ -119,9 +124,14 @@ class FolderImageDataset(ImageDataset):
         return len(self.files)
 
     def load_uint8(self, index: int) -> np.ndarray:
-        with Image.open(self.files[index]) as im:
-            im.load()
-            return preprocess_pil(im, self.image_size, self.in_channels)
+        try:
+            with Image.open(self.files[index]) as im:
+                im.load()
+                return preprocess_pil(im, self.image_size, self.in_channels)
+        except (OSError, SyntaxError) as exc:  # UnidentifiedImageError, truncated or damaged file
+            why = image_problem(self.files[index]) or f"{type(exc).__name__}: {exc}"
+            raise ConfigError(f"--data_dir {self.source}: {self.files[index]} cannot be read ({why}); remove or "
+                              "replace it") from None
 
 
 def load_dataset(
@@ -132,6 +142,7 @@ def load_dataset(
     *,
     seed: int = 0,
     with_labels: bool = True,
+    warn: Callable[[str], None] | None = None,
 ) -> ImageDataset:
     """The dataset a :class:`~iddpm.config.DataConfig` describes.
 
@@ -144,6 +155,8 @@ def load_dataset(
         seed: seed of the random flip (``data.random_flip``).
         with_labels: False drops labels (``cond == {}``) whatever the source holds; pass
             ``cfg.model.class_cond`` since an unconditional U-Net must not receive ``y``.
+        warn: receives the one-line warning about unreadable image files skipped in a folder
+            (default: printed to stderr); see :func:`~iddpm.data.sources.check_image_files`.
     """
     source = str(data.data_dir or "").strip()
     kw = dict(image_size=image_size, in_channels=in_channels, random_flip=data.random_flip, seed=seed)
@@ -160,7 +173,7 @@ def load_dataset(
         )
     path = Path(os.path.expanduser(source))
     if path.is_dir():
-        files = list_image_files(path)
+        files = check_image_files(list_image_files(path), path, warn=warn)
         labels, names = folder_labels(files, path, data.labels if want_labels else "none")
         return FolderImageDataset(files, labels, class_names=names, num_classes=len(names), source=str(path), **kw)
     if path.suffix.lower() == ".npz":

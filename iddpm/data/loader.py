@@ -113,13 +113,24 @@ class BatchLoader:
 
     def __iter__(self) -> Iterator:
         while True:
-            for x, cond in self._epoch_loader():
-                self.batch += 1
-                yield x, cond
+            try:
+                for x, cond in self._epoch_loader():
+                    self.batch += 1
+                    yield x, cond
+            except ConfigError as exc:  # from a worker process it carries the worker's traceback: keep the message
+                raise ConfigError(_worker_message(exc)) from None
             self.epoch += 1
             self.batch = 0
             if not self.infinite:
                 return
+
+
+def _worker_message(exc: ConfigError) -> str:
+    """The one-line message of a ConfigError, also when a DataLoader worker re-raised it with its traceback."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else ""
+    prefix = f"{type(exc).__module__}.{type(exc).__qualname__}: "
+    return last[len(prefix):] if last.startswith(prefix) else last.split("ConfigError: ", 1)[-1]
 
 
 def make_loader(

@@ -10,6 +10,10 @@ Pipeline for one image and a target resolution ``R``:
 5. map uint8 ``v`` to ``v / 127.5 - 1`` in float32, layout ``[C, H, W]``.
 
 Steps 1-4 give a uint8 ``[R, R, C]`` array (:func:`preprocess_pil`); step 5 is :func:`to_model_range`.
+
+Images of more than 8 bits per sample are first brought to 8 bits by :func:`to_8bit` (the original's
+``convert("RGB")`` clips 16-bit grayscale to 255: a 0..65520 ramp becomes all white); 8-bit images pass
+through untouched, so their pipeline is exactly the original's.
 """
 
 from __future__ import annotations
@@ -20,9 +24,57 @@ from PIL import Image
 
 from iddpm.config import ConfigError
 
-__all__ = ["MODES", "resize_like_original", "preprocess_pil", "array_to_pil", "to_model_range", "preprocess_array"]
+__all__ = ["MODES", "to_8bit", "resize_like_original", "preprocess_pil", "array_to_pil", "to_model_range",
+           "preprocess_array"]
 
 MODES = {1: "L", 3: "RGB"}
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N"})  # unsigned 16-bit grayscale
+_U16_MAX = 65535
+
+
+def _round_16_to_8(values: np.ndarray) -> np.ndarray:
+    """uint 0..65535 -> uint8 ``round(v * 255 / 65535) = round(v / 257)``, half up, in integers.
+
+    Dividing by 257 (not ``v >> 8``) is the exact inverse of the usual 8 -> 16 bit expansion ``v * 257``:
+    65535 -> 255, 257 * k -> k, and every output level covers an equal share of the input range.
+    """
+    v = values.astype(np.int64)
+    return ((2 * v + 257) // 514).astype(np.uint8)
+
+
+def _range_to_8(values: np.ndarray) -> np.ndarray:
+    """Any numbers -> uint8 by their own range ``(v - min) / (max - min) * 255`` (a constant image -> 0)."""
+    v = np.nan_to_num(values.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    lo, hi = float(v.min()), float(v.max())
+    scaled = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
+    return np.floor(scaled * 255 + 0.5).astype(np.uint8)
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """A PIL image with 8-bit samples: 16-bit, 32-bit integer and float grayscale become ``"L"``.
+
+    - ``I;16`` / ``I;16L`` / ``I;16B`` / ``I;16N`` (16-bit PNG / TIFF): ``round(v / 257)``, see
+      :func:`_round_16_to_8`.
+    - ``I`` (32-bit signed): values within 0..65535 are taken as 16-bit data (older Pillow decodes 16-bit
+      PNGs as ``I``; white is 65535, so a dark image stays dark); values outside it have no defined white
+      level and are scaled by the image's own range.
+    - ``F`` (32-bit float): values within [0, 1] are ``round(v * 255)``; others (e.g. 0..255 floats) are
+      scaled by the image's own range; NaN and inf count as 0.
+    Every other mode (``L``, ``RGB``, ``P``, ``RGBA``, ...) is returned as is: PIL's own conversion handles
+    it (PIL already decodes 16-bit RGB PNGs to 8-bit ``RGB`` by the high byte).
+    """
+    mode = image.mode
+    if mode not in SIXTEEN_BIT_MODES and mode not in ("I", "F"):
+        return image
+    values = np.asarray(image)
+    within = bool(values.size) and np.isfinite(values).all() and values.min() >= 0
+    if mode in SIXTEEN_BIT_MODES or (mode == "I" and within and values.max() <= _U16_MAX):
+        out = _round_16_to_8(values)
+    elif mode == "F" and within and values.max() <= 1:
+        out = np.floor(values.astype(np.float64) * 255 + 0.5).astype(np.uint8)
+    else:
+        out = _range_to_8(values)
+    return Image.fromarray(out)  # uint8 [H, W] -> "L"
 
 
 def _mode_for(in_channels: int) -> str:
@@ -40,9 +92,11 @@ def resize_like_original(image: Image.Image, resolution: int) -> Image.Image:
 
 
 def preprocess_pil(image: Image.Image, resolution: int, in_channels: int) -> np.ndarray:
-    """Steps 1-4: a PIL image of any size/mode -> uint8 ``[resolution, resolution, in_channels]``."""
+    """Steps 1-4: a PIL image of any size/mode -> uint8 ``[resolution, resolution, in_channels]``.
+
+    16-bit / 32-bit / float images are first made 8-bit (:func:`to_8bit`)."""
     mode = _mode_for(in_channels)
-    image = resize_like_original(image, resolution)
+    image = resize_like_original(to_8bit(image), resolution)
     arr = np.array(image.convert(mode))
     if arr.ndim == 2:
         arr = arr[:, :, None]

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from iddpm.config import ConfigError
+from iddpm.data.sources import read_npz_images
 from iddpm.runtime.atomic import atomic_write_bytes
 
 __all__ = [
@@ -68,19 +68,13 @@ def save_npz(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray | N
     return path
 
 
-def load_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read a samples npz: ``(images uint8 NHWC, labels int64 or None)``.  Errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file; expected a samples .npz (arr_0 uint8 NHWC, optional arr_1 labels)")
-    with np.load(path) as data:
-        if "arr_0" not in data:
-            raise ConfigError(f"{path}: has no arr_0; expected the original's samples layout (arr_0 uint8 NHWC)")
-        images = data["arr_0"]
-        labels = data["arr_1"].astype(np.int64) if "arr_1" in data else None
-    if images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or images.dtype != np.uint8:
-        raise ConfigError(f"{path}: arr_0 is {images.dtype} {images.shape}; expected uint8 (N, H, W, C) with C 1 or 3")
-    return images, labels
+def load_npz(path: str | os.PathLike, flag: str = "--base_samples") -> tuple[np.ndarray, np.ndarray | None]:
+    """Read a samples npz: ``(images uint8 NHWC, labels int64 or None)``.
+
+    Read with ``allow_pickle=False`` (:func:`iddpm.data.sources.read_npz_images`): a missing, non-npz or damaged
+    file, an object array, or arrays of the wrong kind give a one-line ConfigError naming ``flag`` and the file.
+    """
+    return read_npz_images(path, flag=flag)
 
 
 def _check_nhwc(images: np.ndarray) -> np.ndarray:

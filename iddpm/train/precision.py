@@ -14,6 +14,7 @@ import contextlib
 import torch
 
 from iddpm.config import ConfigError
+from iddpm.runtime.cpu import warn_if_slow_bf16
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -26,6 +27,7 @@ class Precision:
             raise ConfigError(f"--precision {mode!r}: choose fp32, bf16 or fp16")
         if mode == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError("--precision bf16: this GPU has no bfloat16 support; use --precision fp16")
+        warn_if_slow_bf16(mode, device)  # a CPU without native bf16 runs it ~100x slower: say so, once per run
         self.mode = mode
         self.device = device
         self.dtype = _DTYPES[mode]
