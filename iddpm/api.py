@@ -360,18 +360,19 @@ def train_config(settings: dict[str, Any] | None = None, *, preset_name: str = "
 
 
 def train(cfg: RunConfig | None = None, *, progress: bool = True, preset_name: str = "",
-          config_file: str | os.PathLike | None = None, **settings: Any) -> TrainResult:
+          config_file: str | os.PathLike | None = None, log: Log = None, **settings: Any) -> TrainResult:
     """Train (or continue) a run: ``iddpm.api.train(max_minutes=5, run_dir="runs/digits")`` trains the digits preset.
 
     ``cfg``: a full RunConfig (e.g. ``preset("cifar-small")``); otherwise ``settings`` are flat training flags
     resolved by :func:`train_config`.  Returns :class:`~iddpm.train.trainer.TrainResult` (step, stop reason,
-    images/s, last checkpoint).
+    images/s, last checkpoint).  ``log`` gets one line saying what a resume restored, or that the run is already
+    at its step limit (``stop_reason == "already_done"``; nothing is written).
     """
     if cfg is None:
         cfg = train_config(settings, preset_name=preset_name, config_file=config_file)
     elif settings:
         cfg = apply_overrides(cfg, settings, source="train").validate()
-    return train_run(cfg, progress=progress)
+    return train_run(cfg, progress=progress, log=log)
 
 
 # --------------------------------------------------------------------------------------------

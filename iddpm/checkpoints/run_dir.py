@@ -159,6 +159,67 @@ def pick_weights_file(folder: str | os.PathLike, use_ema: bool = True, ema_rate:
     raise ConfigError(f"--ema_rate {ema_rate}: no ema_{ema_rate}.safetensors in {folder}; available rates: {have}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Checks before a run writes anything (one-line errors naming --run_dir)
+# ---------------------------------------------------------------------------------------------
+PREVIOUS_RUN_FILES = ("config.json", "metrics.csv", "tb", "samples")
+
+
+def check_run_dir_path(run_dir: str | os.PathLike) -> None:
+    """``--run_dir`` must be a folder or creatable as one: no regular file at it or at any of its parents."""
+    p = Path(run_dir)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                where = "is a file" if q == p else f"lies under {q}, which is a file"
+                raise ConfigError(f"--run_dir {run_dir}: {where}, not a folder; choose another --run_dir")
+            return
+
+
+def previous_run_files(run_dir: str | os.PathLike) -> list[str]:
+    """The names of another run's files in ``run_dir`` (config.json, metrics.csv, tb/, samples/)."""
+    return [n for n in PREVIOUS_RUN_FILES if (Path(run_dir) / n).exists()]
+
+
+def check_fresh_run_dir(run_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """A new run may not write into a folder holding another run: never over checkpoints, and over its
+    config.json / metrics.csv / tb / samples only with ``--overwrite``."""
+    if list_checkpoints(run_dir):
+        extra = (f" (--overwrite never deletes checkpoints: remove {Path(run_dir) / CHECKPOINTS} yourself to start "
+                 "over)") if overwrite else ""
+        raise ConfigError(f"--run_dir {run_dir}: already holds checkpoints; add --resume to continue that run "
+                          f"or choose another --run_dir{extra}")
+    found = previous_run_files(run_dir)
+    if found and not overwrite:
+        raise ConfigError(f"--run_dir {run_dir}: holds another run's {', '.join(found)} (no checkpoint); add "
+                          "--overwrite to replace them or choose another --run_dir")
+
+
+def check_writable(run_dir: str | os.PathLike) -> None:
+    """Every folder and file a continued run writes to must be writable (one line naming the first that is not)."""
+    root = Path(run_dir)
+    for p in (root, root / CHECKPOINTS, root / "samples", root / "tb", root / "metrics.csv", root / ".lock"):
+        if p.exists() and not os.access(p, os.W_OK | (os.X_OK if p.is_dir() else 0)):
+            raise ConfigError(f"--run_dir {run_dir}: {p} is not writable (permission denied); fix its permissions "
+                              "(chmod u+w) or copy the run to a folder you can write")
+
+
+def clear_previous_run(run_dir: str | os.PathLike) -> list[Path]:
+    """``--overwrite``: delete another run's metrics.csv, tb/ and samples/ (config.json is rewritten); never
+    checkpoints.  Returns what was removed."""
+    removed = []
+    for name in PREVIOUS_RUN_FILES[1:]:
+        p = Path(run_dir) / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+        else:
+            continue
+        removed.append(p)
+    return removed
+
+
 def write_config(run_dir: str | os.PathLike, cfg: RunConfig) -> Path:
     path = Path(run_dir) / "config.json"
     atomic_write_text(path, cfg.to_json() + "\n")
@@ -263,8 +324,9 @@ class Checkpoint:
 
 def save_checkpoint(run_dir: str | os.PathLike, step: int, *, cfg: RunConfig, model_state: dict[str, torch.Tensor],
                     ema_states: list[tuple[float, dict[str, torch.Tensor]]], optimizer_state: dict | None,
-                    state: dict[str, Any], keep_last: int | None = None) -> Path:
-    """Write ``RUN_DIR/checkpoints/step_XXXXXXXX/`` atomically, then keep the newest ``keep_last`` folders.
+                    state: dict[str, Any], keep_last: int | None = None, keep_steps=()) -> Path:
+    """Write ``RUN_DIR/checkpoints/step_XXXXXXXX/`` atomically, then keep the newest ``keep_last`` folders
+    (and those of ``keep_steps``, e.g. the last checkpoint known to be good).
 
     ``state`` must be JSON-able through :func:`to_jsonable` (step, sampler state, RNG states, ...).
     """
@@ -282,7 +344,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, cfg: RunConfig, mo
         body["config"] = cfg.to_dict()
         atomic_write_text(tmp / "state.json", _dump_state(to_jsonable(body)))
     if keep_last:
-        prune_checkpoints(run_dir, keep_last)
+        prune_checkpoints(run_dir, keep_last, keep_steps=keep_steps)
     return final
 
 
@@ -292,10 +354,12 @@ def _dump_state(body: dict) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Delete all but the newest ``keep_last`` step folders (and stale temporary folders); returns the removed."""
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last: int, keep_steps=()) -> list[Path]:
+    """Delete all but the newest ``keep_last`` step folders and those of ``keep_steps`` (and stale temporary
+    folders); returns the removed."""
     found = list_checkpoints(run_dir)
-    removed = [p for _, p in found[:-keep_last]] if keep_last > 0 else []
+    keep = {int(s) for s in keep_steps if s is not None}
+    removed = [p for s, p in found[:-keep_last] if s not in keep] if keep_last > 0 else []
     for p in removed:
         shutil.rmtree(p, ignore_errors=True)
     root = Path(run_dir) / CHECKPOINTS

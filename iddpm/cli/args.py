@@ -28,6 +28,7 @@ def add_section_flags(group, cls: type, *, skip=(), shown=None, dests: dict[str,
 
     ``shown``: an instance whose values the help shows as defaults (else the field defaults).
     ``dests`` / ``names``: per field, another attribute name / other flag spellings (e.g. the original's).
+    A field's ``metadata={"help": ...}`` is shown before its default.
     """
     for f in fields(cls):
         if f.name in skip:
@@ -36,8 +37,10 @@ def add_section_flags(group, cls: type, *, skip=(), shown=None, dests: dict[str,
         shown_value = getattr(shown, f.name) if shown is not None else default
         flag_names = [f"--{f.name}"] + [f"--{a}" for a, t in ALIASES.items() if t == f.name]
         flag_names += (names or {}).get(f.name, [])
+        about = f.metadata.get("help")  # a field's own help text (``field(metadata={"help": ...})``)
+        help_text = f"(default: {shown_value!r})"
         kw: dict[str, Any] = dict(dest=(dests or {}).get(f.name, f.name), default=argparse.SUPPRESS,
-                                  help=f"(default: {shown_value!r})")
+                                  help=f"{about} {help_text}" if about else help_text)
         if isinstance(default, bool):
             kw.update(type=str2bool, nargs="?", const=True, metavar="BOOL")
         else:

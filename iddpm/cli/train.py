@@ -17,7 +17,7 @@ import sys
 from iddpm import api
 from iddpm.cli.args import add_config_flags, add_run_flags, run_settings
 from iddpm.config import uses_embedded_default
-from iddpm.train.trainer import NonFiniteLossError
+from iddpm.train.trainer import NonFiniteLossError, TrainingAborted
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,20 +26,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no_progress", action="store_true", help="no progress bar (log lines only)")
 
 
+def _say(line: str) -> None:
+    print(f"iddpm train: {line}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
     settings, preset_name = run_settings(args), getattr(args, "preset", "") or ""
     cfg = api.train_config(settings, preset_name=preset_name, config_file=args.config)
-    if cfg.preset == "digits" and uses_embedded_default(preset_name, settings) and not args.config:
+    continuing = cfg.train.resume or bool(cfg.train.resume_checkpoint)  # the run's own config, not the default
+    if cfg.preset == "digits" and uses_embedded_default(preset_name, settings) and not args.config and not continuing:
         print("iddpm train: no --data_dir and no --preset: the bundled digits with the 'digits' preset "
               "(see `iddpm presets`)", file=sys.stderr)
     if args.dry_run:
         print(cfg.to_json())
         return 0
     try:
-        result = api.train(cfg, progress=not args.no_progress)
-    except NonFiniteLossError as exc:
+        result = api.train(cfg, progress=not args.no_progress, log=_say)
+    except NonFiniteLossError as exc:  # also fp16 loss-scale collapse
         print(f"iddpm train: error: {exc}", file=sys.stderr)
         return 1
+    except TrainingAborted as exc:
+        print(f"iddpm train: {exc}", file=sys.stderr)
+        return 130
     if result.last_checkpoint is not None:
         print(f"iddpm train: stopped at step {result.step} ({result.stop_reason}); "
               f"{result.images_per_second:.1f} img/s; checkpoint {result.last_checkpoint}", file=sys.stderr)

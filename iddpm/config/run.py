@@ -110,7 +110,10 @@ class DataConfig:
     labels: str = "prefix"  # prefix (original: filename before first '_') | dirname | none
     random_flip: bool = False
     num_workers: int = 0
-    deterministic: bool = False
+    deterministic: bool = field(default=False, metadata={"help": (
+        "reproducible training: read the data in order (no shuffling) and select torch's deterministic "
+        "algorithms for the run (torch.use_deterministic_algorithms(True, warn_only=True): an op without one "
+        "warns; on CUDA also CUBLAS_WORKSPACE_CONFIG=:4096:8 when unset); slower on GPU")})
 
     def validate(self) -> None:
         if self.labels not in ("prefix", "dirname", "none"):
@@ -134,6 +137,9 @@ class TrainConfig:
     save_interval: int = 10000
     resume_checkpoint: str = ""
     resume: bool = False
+    overwrite: bool = field(default=False, metadata={"help": (
+        "start a new run in a --run_dir that holds another run's config.json / metrics.csv / tb / samples "
+        "(but no checkpoint): they are replaced; checkpoints are never deleted")})
     use_fp16: bool = False  # the original's flag; same as --precision fp16
     fp16_scale_growth: float = 1e-3
     schedule_sampler: str = "uniform"  # uniform | loss-second-moment
@@ -147,7 +153,6 @@ class TrainConfig:
     keep_last: int = 3
     fast: bool = True  # use iddpm.models.optimize(model, "train")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-
     @property
     def ema_rates(self) -> tuple[float, ...]:
         return parse_float_list(self.ema_rate, "ema_rate")
@@ -183,7 +188,6 @@ class TrainConfig:
                      "weight_decay", "log_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} {getattr(self, name)}: must be >= 0 (0 = off)")
-
 
 @dataclass(frozen=True)
 class RunConfig:

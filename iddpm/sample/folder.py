@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from iddpm.runtime.atomic import atomic_write_text
+from iddpm.runtime.lock import lock_folder
 from iddpm.sample.loop import SampleResult
 from iddpm.sample.output import save_grid, save_npz, save_pngs, save_trajectory
 
@@ -20,9 +21,15 @@ def write_sample_folder(result: SampleResult, out: str | os.PathLike, *, grid_si
     """Write ``samples_{N}x{H}x{W}x{C}.npz`` (arr_0 uint8 NHWC, arr_1 labels), ``grid.png`` (the first
     ``grid_size`` samples; 0 = none), ``pngs/`` (``save_png_files``), ``trajectory.png|gif`` (when the result has
     one; ``trajectory`` = "strip" or "gif") and ``sample_info.json`` into ``out``; returns the paths written,
-    the npz first.  Each file is written atomically."""
+    the npz first.  Each file is written atomically, under ``out/.lock`` (:func:`iddpm.runtime.lock.lock_folder`):
+    a second process writing the same folder is refused with a one-line error naming the holder."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with lock_folder(out, flag="--out"):
+        return _write(result, out, grid_size, save_png_files, trajectory, info)
+
+
+def _write(result: SampleResult, out: Path, grid_size: int, save_png_files: bool, trajectory: str,
+           info: dict[str, Any] | None) -> list[Path]:
     written = [save_npz(out, result.images, result.labels)]
     if grid_size > 0:
         written.append(save_grid(result.images[:grid_size], out / "grid.png"))

@@ -23,8 +23,6 @@ import contextlib
 import copy
 import hashlib
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,16 +30,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from iddpm.checkpoints.run_dir import save_checkpoint
+from iddpm.checkpoints.run_dir import CHECKPOINTS, save_checkpoint, step_name
 from iddpm.config import RunConfig
 from iddpm.runtime.distributed import DistContext
-from iddpm.runtime.seeding import capture_rng_state, restore_rng_state
+from iddpm.runtime.seeding import capture_rng_state
 from iddpm.runtime.sinks import MultiSink, ProgressBar
 from iddpm.sample import generate, save_grid
 from iddpm.train.draws import example_draws, global_positions
 from iddpm.train.ema import EMA
+from iddpm.train.guards import CheckpointHealth, LossScaleGuard, StopSignals
 from iddpm.train.meter import MetricMeter
 from iddpm.train.precision import Precision
+from iddpm.train.restore import restore_checkpoint
 from iddpm.train.schedule import lr_at
 
 
@@ -57,13 +57,29 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf (fp32/bf16); the message names the step and the timesteps involved."""
 
 
+class LossScaleCollapse(NonFiniteLossError):
+    """fp16: the loss scale collapsed / most recent steps were skipped (see :mod:`iddpm.train.guards`)."""
+
+
+class TrainingAborted(KeyboardInterrupt):
+    """A third Ctrl-C: the run stopped without writing a checkpoint; the message says what was lost."""
+
+
+def step_limit(tcfg) -> tuple[int | None, str]:
+    """The step a run stops at and the flag that sets it (``(None, "")``: no step limit)."""
+    limits = [(s, name) for name, s in (("max_steps", tcfg.max_steps), ("lr_anneal_steps", tcfg.lr_anneal_steps))
+              if s > 0]
+    return min(limits) if limits else (None, "")
+
+
 @dataclass
 class TrainResult:
     step: int  # completed optimizer steps
-    stop_reason: str  # max_steps | lr_anneal_steps | max_minutes | signal
+    stop_reason: str  # max_steps | lr_anneal_steps | max_minutes | signal | already_done
     last_checkpoint: Path | None
     images_per_second: float
     seconds: float
+    start_step: int = 0  # the step the run started (or resumed) at
 
 
 class Trainer:
@@ -114,7 +130,10 @@ class Trainer:
         self.step = 0
         self.last_checkpoint: Path | None = None
         self._last_saved_step: int | None = None
-        self._stop_signal: str | None = None
+        self.health = CheckpointHealth()
+        self.scale_guard = LossScaleGuard()
+        self.signals = StopSignals(announce=dist.is_main)
+        self.restored = ""  # after load(): one line saying what was restored
         self._sample_model: torch.nn.Module | None = None
 
     # ------------------------------------------------------------------------------------------
@@ -132,6 +151,7 @@ class Trainer:
             "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None,
             "data": self.data.state_dict() if hasattr(self.data, "state_dict") else None,
             "rng": rng,
+            "health": self.health.state_dict(),
         }
         return state
 
@@ -147,37 +167,21 @@ class Trainer:
                 self.run_dir, self.step, cfg=self.cfg, model_state=self.model.state_dict(),
                 ema_states=[(r, self.ema.state_dict(self.model, i)) for i, r in enumerate(self.ema.rates)],
                 optimizer_state=self.optimizer.state_dict(), state=state, keep_last=self.tcfg.keep_last,
+                keep_steps=(self.health.protected_step(),),
             )
         self.dist.barrier()
         self._last_saved_step = self.step
+        if self.run_dir is not None:  # every rank names the same folder in its messages
+            self.health.on_save(self.step, self.run_dir / CHECKPOINTS / step_name(self.step))
         if path is not None:
             self.last_checkpoint = path
         return path
 
     def load(self, ckpt, *, restore_rng: bool = True) -> None:
         """Continue from a :class:`~iddpm.checkpoints.run_dir.Checkpoint` (weights-only checkpoints restart
-        optimizer and EMA from the weights)."""
-        self.model.load_state_dict(ckpt.model, strict=True)
-        self.ema = EMA(self.model, self.tcfg.ema_rates)
-        for i, rate in enumerate(self.ema.rates):
-            if rate in ckpt.emas:
-                self.ema.load_state_dict(i, ckpt.emas[rate])
-        if ckpt.optimizer is not None:
-            self.optimizer.load_state_dict(ckpt.optimizer)
-        st = ckpt.state
-        self.step = int(st.get("step", 0))
-        self._last_saved_step = self.step
-        sampler_state = st.get("sampler") or {}
-        if hasattr(self.sampler, "load_state_dict") and sampler_state.get("type") == type(self.sampler).__name__:
-            self.sampler.load_state_dict(sampler_state)
-        if st.get("data") and hasattr(self.data, "load_state_dict") and \
-                st.get("global_batch", self.global_batch) == self.global_batch:
-            self.data.load_state_dict(st["data"])
-        if st.get("scaler") and st.get("precision") == self.precision.mode:
-            self.precision.load_state_dict(st["scaler"])
-        rng = st.get("rng")
-        if restore_rng and rng and len(rng) == self.dist.world_size:
-            restore_rng_state(rng[self.dist.rank])
+        optimizer and EMA from the weights).  Sets :attr:`restored`: one line naming what was restored and
+        what starts fresh."""
+        self.restored = restore_checkpoint(self, ckpt, restore_rng=restore_rng)
 
     # ------------------------------------------------------------------------------------------
     # one step
@@ -229,12 +233,13 @@ class Trainer:
                 loss_acc += loss.detach().double() * (sl.stop - sl.start) / n
                 self.precision.scale(loss).backward()
         loss_sum = float(loss_acc)
-        if self.dist.any_flag(bool(bad_t)) and not self.precision.scaling:
+        nonfinite = self.dist.any_flag(bool(bad_t))
+        if nonfinite and not self.precision.scaling:
             everywhere = sorted({t for ts in self.dist.all_gather_object(bad_t) for t in ts})
+            self.health.observe(math.nan)
             raise NonFiniteLossError(
                 f"non-finite loss at step {self.step + 1} (timesteps {everywhere}); stopped without updating. "
-                f"Last good checkpoint: {self.last_checkpoint or 'none'}. Try a lower --lr, --grad_clip 1, "
-                "or --precision fp32"
+                f"{self.health.describe()}. Try a lower --lr, --grad_clip 1, or --precision fp32"
             )
         self.precision.unscale_(self.optimizer)
         grad_norm = self._grad_norm()
@@ -244,11 +249,16 @@ class Trainer:
         if stepped:
             self.ema.update(self.model)
         self.step += 1
+        self.health.observe(math.nan if nonfinite else loss_sum)
         self.meter.add("grad_norm", grad_norm)
         self.meter.add("lr", lr)
         if self.precision.scaling:
             self.meter.add("lg_loss_scale", math.log2(self.precision.loss_scale()))
             self.meter.add("skipped_steps", 0.0 if stepped else 1.0)
+            why = self.scale_guard.update(self.step, stepped, not nonfinite, self.precision.loss_scale())
+            if why:
+                raise LossScaleCollapse(f"{why}; stopped without saving. {self.health.describe()}. Try a lower --lr, "
+                                        "--grad_clip 1, or --precision fp32")
         return {"loss": loss_sum, "stepped": stepped}
 
     def _grad_norm(self) -> float:
@@ -261,30 +271,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     # loop
     # ------------------------------------------------------------------------------------------
-    def _step_limit(self) -> int | None:
-        limits = [s for s in (self.tcfg.max_steps, self.tcfg.lr_anneal_steps) if s > 0]
-        return min(limits) if limits else None
-
-    def _install_signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-        old = {}
-
-        def handler(signum, frame):
-            if self._stop_signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # second Ctrl-C: stop now
-            self._stop_signal = signal.Signals(signum).name
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            old[sig] = signal.signal(sig, handler)
-        return old
-
     def run(self) -> TrainResult:
-        """Train until ``--max_steps`` / ``--lr_anneal_steps`` / ``--max_minutes`` / SIGINT / SIGTERM."""
+        """Train until ``--max_steps`` / ``--lr_anneal_steps`` / ``--max_minutes`` / SIGINT / SIGTERM.
+
+        A first signal stops after the step in progress and writes its checkpoint; a second Ctrl-C is told that
+        this is happening; a third raises :class:`TrainingAborted` (no checkpoint written; its message says
+        which steps are lost)."""
         tc = self.tcfg
-        limit = self._step_limit()
+        limit, limit_name = step_limit(tc)
         start_step = self.step
-        old_handlers = self._install_signals()
+        self.signals.install()
         bar = ProgressBar(limit, self.step, self.global_batch, enabled=self.dist.is_main and self.progress,
                           seconds_budget=60.0 * tc.max_minutes if tc.max_minutes > 0 else None)
         t0 = time.perf_counter()
@@ -294,11 +290,11 @@ class Trainer:
         try:
             while True:
                 if limit is not None and self.step >= limit:
-                    reason = "lr_anneal_steps" if limit == tc.lr_anneal_steps else "max_steps"
+                    reason = limit_name
                     break
                 stop_time = tc.max_minutes > 0 and time.perf_counter() - t0 >= 60.0 * tc.max_minutes
-                if self.dist.any_flag(self._stop_signal is not None or stop_time):
-                    reason = "signal" if self._stop_signal or not stop_time else "max_minutes"
+                if self.dist.any_flag(self.signals.requested is not None or stop_time):
+                    reason = "signal" if self.signals.requested or not stop_time else "max_minutes"
                     break
                 x, cond = next(it)
                 out = self.train_step(x, cond)
@@ -317,14 +313,17 @@ class Trainer:
                     self.sample_grid()
             if self._last_saved_step != self.step:
                 self.save()
+        except KeyboardInterrupt:
+            last = self.last_checkpoint or (f"step {self._last_saved_step}" if self._last_saved_step else "none")
+            raise TrainingAborted(f"aborted by Ctrl-C without saving at step {self.step}; the last "
+                                  f"checkpoint is {last} and the steps after it are lost") from None
         finally:
             bar.close()
             self.sinks.close()
-            for sig, h in old_handlers.items():
-                signal.signal(sig, h)
+            self.signals.restore()
         seconds = time.perf_counter() - t0
         ips = (self.step - start_step) * self.global_batch / seconds if seconds > 0 else 0.0
-        return TrainResult(self.step, reason, self.last_checkpoint, ips, seconds)
+        return TrainResult(self.step, reason, self.last_checkpoint, ips, seconds, start_step=start_step)
 
     # ------------------------------------------------------------------------------------------
     # sample grids
