@@ -6,7 +6,7 @@ Checks structure (files, keys, table rows, PNG signatures), never benchmark numb
 from __future__ import annotations
 
 import csv
-import importlib.util
+import importlib
 import json
 import math
 from pathlib import Path
@@ -17,11 +17,11 @@ ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _load_module():
-    spec = importlib.util.spec_from_file_location("iddpm_bench_ablations", ROOT / "benchmarks" / "ablations.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _load_module(name: str = "ablations"):
+    """A benchmarks/ module (ablations.py imports its sibling ablations_*.py modules by name, as a script does)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(ROOT / "benchmarks"))
+        return importlib.import_module(name)
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +91,12 @@ def test_smoke_writes_well_formed_outputs(smoke_run):
 
 
 def test_helpers_known_answers():
-    ablations = _load_module()
-    s = ablations.spread([1.0, 3.0])
+    ablations, stats = _load_module(), _load_module("ablations_stats")
+    s = stats.spread([1.0, 3.0])
     assert s["mean"] == 2.0 and abs(s["std"] - math.sqrt(2)) < 1e-12 and abs(s["cv"] - math.sqrt(2) / 2) < 1e-12
-    assert ablations.verdict(-0.5, 0.1, expect_negative=True) == "agrees"
-    assert ablations.verdict(0.5, 0.1, expect_negative=True) == "disagrees"
-    assert ablations.verdict(0.1, 0.1, expect_negative=True) == "within noise"
+    assert stats.verdict(-0.5, 0.1, expect_negative=True) == "agrees"
+    assert stats.verdict(0.5, 0.1, expect_negative=True) == "disagrees"
+    assert stats.verdict(0.1, 0.1, expect_negative=True) == "within noise"
     assert ablations.auto_ema_rate(1000) == "0.9950" and ablations.auto_ema_rate(10) == "0.9000"
     import numpy as np
     import torch
@@ -106,16 +106,16 @@ def test_helpers_known_answers():
     rng = np.random.default_rng(0)
     ref = feature_stats(rng.standard_normal((200, 4)))
     feats = rng.standard_normal((50, 4)) + 0.5
-    same = ablations.paired_fid_diff(feats, feats, ref, num_boot=10, seed=0)
+    same = stats.paired_fid_diff(feats, feats, ref, num_boot=10, seed=0)
     assert same["diff"] == 0.0 and same["stderr"] == 0.0
-    shifted = ablations.paired_fid_diff(feats + 3.0, feats, ref, num_boot=10, seed=0)
+    shifted = stats.paired_fid_diff(feats + 3.0, feats, ref, num_boot=10, seed=0)
     assert shifted["diff"] > 4 * shifted["stderr"] > 0
 
     # identical batch gradients -> no noise
     g = torch.tensor([[3.0, 4.0]] * 4, dtype=torch.float64)
-    assert ablations.noise_scale_from_grads(g, 8)["b_simple"] == 0.0
+    assert stats.noise_scale_from_grads(g, 8)["b_simple"] == 0.0
     g = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 2.0], [-1.0, 2.0]], dtype=torch.float64)
-    ns = ablations.noise_scale_from_grads(g, 2)
+    ns = stats.noise_scale_from_grads(g, 2)
     tr_batch = 8.0 / 3.0  # mean (0, 1); every |G_i - mean|^2 = 2, sum 8, over K - 1 = 3
     assert abs(ns["tr_sigma"] - 2 * tr_batch) < 1e-12
     assert abs(ns["g2"] - (1.0 - tr_batch / 4)) < 1e-12
