@@ -41,7 +41,7 @@ from iddpm.eval.nll import NLLResult, compute_nll_share, merge_nll_shares, nll_l
 from iddpm.models import optimize
 from iddpm.runtime.atomic import atomic_write_text
 from iddpm.runtime.distributed import distributed_context, resolve_device
-from iddpm.sample import SampleResult, gather_results, generate, load_npz
+from iddpm.sample import SampleResult, SamplingPlan, gather_results, generate, load_npz, plan_sampling
 from iddpm.sample import upsample as upsample_images
 from iddpm.sample.folder import write_sample_folder
 from iddpm.train.app import load_saved_run_config
@@ -137,7 +137,9 @@ def sample(run: str | os.PathLike | None = None, settings: SampleConfig | None =
     / ``num_classes``).  ``kwargs``: fields of :class:`~iddpm.config.SampleConfig` (num_samples, batch_size,
     seed, use_ddim, eta, clip_denoised, ...) and :class:`~iddpm.config.SourceConfig` (use_ema, ema_rate, preset,
     device, fast).  ``timestep_respacing`` (e.g. ``"ddim25"`` with ``use_ddim=True``) rebuilds the diffusion from
-    the config.  ``classes``: None (``settings.classes``), an int, ``"balanced"`` or a list of labels.  The same
+    the config.  ``sampler="dpm++2m", steps=15`` (``schedule=`` uniform / logsnr / karras): a few-step solver
+    on the full T-step diffusion, NFE = steps (see :mod:`iddpm.sample.plan`).  ``classes``: None
+    (``settings.classes``), an int, ``"balanced"`` or a list of labels.  The same
     ``seed`` gives the same images whatever ``batch_size`` (and number of processes).  ``save=True`` writes
     ``settings.out`` (npz, grid, sample_info.json).  Returns :class:`iddpm.sample.SampleResult` (None off rank 0).
     """
@@ -147,17 +149,19 @@ def sample(run: str | os.PathLike | None = None, settings: SampleConfig | None =
         kwargs["classes"], classes = str(classes), None
     settings, source = _split_settings("sample", kwargs, (SampleConfig, settings), (SourceConfig, source))
     settings = settings.validate()
+    plan = plan_sampling(settings, timestep_respacing)  # --sampler / --steps / --schedule (solvers: full T)
     labels = settings.class_spec() if classes is None else classes
     with distributed_context(source.device if model is None else "cpu") as ctx:
         device = ctx.device if model is None else _device(source.device, model)
         model, diffusion, cfg, weights = _objects("sample", run, model, diffusion, cfg, source, overrides,
-                                                  timestep_respacing, device, log if ctx.is_main else None,
-                                                  _steps_kind(settings))
+                                                  plan.timestep_respacing, device, log if ctx.is_main else None,
+                                                  plan.steps_kind(settings.eta))
+        plan, diffusion, cfg = plan.bind(diffusion, cfg)
         shape, num_classes = _sample_shape(cfg, image_shape, num_classes, x_T)
         start = time.perf_counter()
         part = generate(
             optimize(model, "sample") if source.fast else model, diffusion, num_samples=settings.num_samples,
-            batch_size=settings.batch_size, image_shape=shape, seed=settings.seed, use_ddim=settings.use_ddim,
+            batch_size=settings.batch_size, image_shape=shape, seed=settings.seed, **plan.loop_kwargs(),
             eta=settings.eta, clip_denoised=settings.clip_denoised, classes=labels, num_classes=num_classes,
             device=device, progress=progress and ctx.is_main, rank=ctx.rank, world_size=ctx.world_size,
             return_trajectory=return_trajectory or bool(settings.trajectory), return_float=return_float, x_T=x_T)
@@ -166,11 +170,7 @@ def sample(run: str | os.PathLike | None = None, settings: SampleConfig | None =
         return None
     result = gather_results(parts)
     return _finish(result, settings, source, cfg, diffusion, weights, time.perf_counter() - start, save,
-                   classes=labels)
-
-
-def _steps_kind(settings: SampleConfig) -> str:
-    return f"sampling steps ({f'DDIM eta={settings.eta}' if settings.use_ddim else 'ancestral'})"
+                   plan=plan, classes=labels)
 
 
 def _sample_shape(cfg, image_shape, num_classes, x_T):
@@ -189,14 +189,17 @@ def _sample_shape(cfg, image_shape, num_classes, x_T):
 
 
 def _finish(result: SampleResult, settings: SampleConfig, source: SourceConfig, cfg, diffusion, weights,
-            seconds: float, save: bool, **extra: Any) -> SampleResult:
-    """Attach timing and the settings used (``sample_info.json``); write the output folder when ``save``."""
+            seconds: float, save: bool, plan: SamplingPlan | None = None, **extra: Any) -> SampleResult:
+    """Attach timing and the settings used (``sample_info.json``: with ``plan``, also the sampler, its schedule,
+    steps and NFE = model evaluations per sample); write the output folder when ``save``."""
     result.seconds = seconds
+    nfe = int(result.nfe or diffusion.num_timesteps)
     result.info = {
         "run": source.run, "weights": None if weights is None else str(weights), "use_ema": bool(source.use_ema),
         "num_samples": int(result.images.shape[0]), "batch_size": settings.batch_size, "seed": settings.seed,
         "timestep_respacing": cfg.diffusion.timestep_respacing if cfg is not None else None,
-        "num_sampling_steps": int(diffusion.num_timesteps), "use_ddim": bool(settings.use_ddim),
+        "num_sampling_steps": nfe, "use_ddim": bool(settings.use_ddim),
+        **(plan.info(nfe) if plan is not None else {}),
         "eta": settings.eta, "clip_denoised": bool(settings.clip_denoised), "seconds": round(seconds, 3),
         "config": cfg.to_dict() if cfg is not None else None,
         **{k: (v if isinstance(v, (int, str, type(None))) else "given") for k, v in extra.items()},
@@ -222,20 +225,22 @@ def upsample(run: str | os.PathLike, base_samples, settings: SampleConfig | None
     kwargs.setdefault("num_samples", 0)
     settings, source = _split_settings("upsample", kwargs, (SampleConfig, settings), (SourceConfig, source))
     settings = settings.validate(upsample=True)
+    plan = plan_sampling(settings, timestep_respacing)
     flag = f"--base_samples {base_samples}" if isinstance(base_samples, (str, os.PathLike)) else "--base_samples"
     images, labels = _base_images(base_samples)
     if settings.num_samples:
         images, labels = images[: settings.num_samples], None if labels is None else labels[: settings.num_samples]
     with distributed_context(source.device) as ctx:
         model, diffusion, cfg, weights = _objects("upsample", run, None, None, None, source, overrides,
-                                                  timestep_respacing, ctx.device, log if ctx.is_main else None,
-                                                  _steps_kind(settings))
+                                                  plan.timestep_respacing, ctx.device, log if ctx.is_main else None,
+                                                  plan.steps_kind(settings.eta))
+        plan, diffusion, cfg = plan.bind(diffusion, cfg)
         m = _check_superres(cfg, images, labels, flag, run)
         start = time.perf_counter()
         part = upsample_images(
             optimize(model, "sample") if source.fast else model, diffusion, images, large_size=m.image_size,
             base_labels=labels, class_cond=m.class_cond, num_classes=m.num_classes if m.class_cond else None,
-            batch_size=settings.batch_size, seed=settings.seed, use_ddim=settings.use_ddim, eta=settings.eta,
+            batch_size=settings.batch_size, seed=settings.seed, **plan.loop_kwargs(), eta=settings.eta,
             clip_denoised=settings.clip_denoised, device=ctx.device, progress=progress and ctx.is_main,
             return_trajectory=return_trajectory or bool(settings.trajectory), rank=ctx.rank,
             world_size=ctx.world_size)
@@ -243,7 +248,8 @@ def upsample(run: str | os.PathLike, base_samples, settings: SampleConfig | None
     if not ctx.is_main:
         return None
     return _finish(gather_results(parts), settings, source, cfg, diffusion, weights, time.perf_counter() - start,
-                   save, base_samples=str(base_samples) if isinstance(base_samples, (str, os.PathLike)) else None)
+                   save, plan=plan,
+                   base_samples=str(base_samples) if isinstance(base_samples, (str, os.PathLike)) else None)
 
 
 def _base_images(base_samples) -> tuple[np.ndarray, np.ndarray | None]:

@@ -6,7 +6,9 @@ The model is unconditional (the preset's ``class_cond=False``).  On top of the p
 images/s of 64), a higher learning rate, an EMA rate whose average forgets the random initial weights
 within ~1000 steps (0.999 would still hold ~37% of them after 1000 steps), and T = 250 so that the exact
 NLL of the whole test split takes about a minute.  Any training flag overrides these, e.g.
-``iddpm demo --minutes 10 --class_cond True``.
+``iddpm demo --minutes 10 --class_cond True``.  The sample grid is drawn with :data:`DEMO_SAMPLER`
+(DPM-Solver++ 2M) in ``--sample_steps`` (default 20) model evaluations, the best few-step sampler measured on
+this model by ``benchmarks/samplers.py``.
 """
 
 from __future__ import annotations
@@ -29,14 +31,19 @@ from iddpm.sample import save_grid, save_npz
 
 DEMO_RUN_DIR = "runs/demo"
 DEMO_OVERRIDES = dict(num_channels=32, lr=1e-3, ema_rate="0.995", diffusion_steps=250)
+# The grid's sampler: the best few-step sampler measured on the demo's model (benchmarks/samplers.py, table in
+# benchmarks/results/samplers/table.md), on its default (logsnr) step grid, and its steps (= NFE).
+DEMO_SAMPLER = "dpm++2m"
+DEMO_SAMPLE_STEPS = 20
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=5.0,
                         help="training time budget in minutes (default 5; sampling and NLL take 1-2 more)")
     parser.add_argument("--num_samples", type=int, default=100, help="images in the sample grid (default 100)")
-    parser.add_argument("--sample_steps", type=int, default=100,
-                        help="respaced sampling steps for the grid (default 100)")
+    parser.add_argument("--sample_steps", type=int, default=DEMO_SAMPLE_STEPS,
+                        help=f"sampling steps = model evaluations per image of the grid, with the {DEMO_SAMPLER} "
+                             f"solver (default {DEMO_SAMPLE_STEPS}; at most T)")
     parser.add_argument("--nll_examples", type=int, default=0,
                         help="test images for the NLL (default 0 = the whole test split, 360 images)")
     parser.add_argument("--threads", type=int, default=1,
@@ -65,7 +72,8 @@ def _fresh_run_dir(run_dir: Path) -> None:
         raise ConfigError(f"--run_dir {run_dir}: exists and is not an earlier demo run; choose another --run_dir")
     for name in ("checkpoints", "tb", "samples"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
-    for name in ("metrics.csv", "samples.png", "samples.npz", "nll.json"):
+    # config.json too: the new demo writes its own (training refuses a folder holding another run's config)
+    for name in ("config.json", "metrics.csv", "samples.png", "samples.npz", "nll.json"):
         (run_dir / name).unlink(missing_ok=True)
 
 
@@ -91,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
     steps = min(args.sample_steps, cfg.diffusion.diffusion_steps)
     samples = api.sample(run_dir, num_samples=args.num_samples, batch_size=args.num_samples, seed=cfg.train.seed,
-                         timestep_respacing=str(steps), classes="balanced" if m.class_cond else None,
+                         sampler=DEMO_SAMPLER, steps=steps, classes="balanced" if m.class_cond else None,
                          device=cfg.train.device, progress=not args.no_progress)
     grid = save_grid(samples.images, run_dir / "samples.png", nrow=10)
     save_npz(run_dir / "samples.npz", samples.images, samples.labels)
@@ -112,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
 
     which = "the whole test split" if nll.num_examples == n_test else \
         f"a subset: the first {nll.num_examples} of {n_test} test images"
-    print(f"samples: {grid} ({args.num_samples} images, {steps} sampling steps, EMA {cfg.train.ema_rates[0]})")
+    print(f"samples: {grid} ({args.num_samples} images, {steps} sampling steps: {DEMO_SAMPLER} on the "
+          f"{samples.info['schedule']} grid, NFE {samples.nfe}; EMA {cfg.train.ema_rates[0]})")
     if quality:
         print(f"sample quality: {quality}")
     print(f"test NLL: {nll.bpd:.3f} +- {nll.bpd_stderr:.3f} bits/dim over {which} "

@@ -4,6 +4,8 @@ Writes into ``--out`` (default ``samples``): ``samples_{N}x{H}x{W}x{C}.npz`` in 
 (``arr_0`` uint8 NHWC, ``arr_1`` labels for class-conditional models), ``grid.png`` (the first
 ``--grid_size`` samples), ``sample_info.json`` (the settings used), optionally ``pngs/`` (one PNG per
 sample) and ``trajectory.png`` / ``trajectory.gif`` (denoising trajectory of the first samples).
+``--sampler dpm++2m --steps 15 [--schedule karras|logsnr|uniform]`` samples with a few-step solver (NFE = steps,
+reported on the last line); ``--timestep_respacing`` / ``--use_ddim`` keep their meaning for ancestral / DDIM.
 Flags are the fields of :class:`~iddpm.config.SampleConfig` and :class:`~iddpm.config.SourceConfig`; the
 original's ``image_sample.py`` names (``--model_path``) are accepted.
 """
@@ -72,13 +74,16 @@ def common_kwargs(args: argparse.Namespace, *sections: type) -> dict[str, Any]:
 
 
 def report(result, what: str) -> None:
-    """The files written and the speed of a sampling command (rank 0)."""
+    """The files written, then one line: the speed of a sampling command, its sampler and NFE (model evaluations
+    per sample) (rank 0)."""
     for p in result.files or []:
         print(f"wrote {p}")
-    n, steps = result.images.shape[0], result.info["num_sampling_steps"]
-    batches = -(-n // result.info["batch_size"])
+    info = result.info
+    n, nfe = result.images.shape[0], info.get("nfe", info["num_sampling_steps"])
+    batches = -(-n // info["batch_size"])
+    method = info.get("sampler", "ancestral") + (f" on the {info['schedule']} grid" if info.get("schedule") else "")
     print(f"{n} {what} in {result.seconds:.1f} s ({n / result.seconds:.2f} samples/s, "
-          f"{steps * batches / result.seconds:.1f} batch steps/s)")
+          f"{nfe * batches / result.seconds:.1f} batch steps/s); {method}, NFE {nfe}")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,13 +7,19 @@ same names as keywords), so ``iddpm sample --seed 3`` and ``api.sample(run, seed
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from iddpm.config.core import ConfigError, check_finite
 
-__all__ = ["SourceConfig", "SampleConfig", "NLLConfig", "EvalConfig", "EVAL_METRICS", "EXTRACTORS"]
+__all__ = ["SourceConfig", "SampleConfig", "NLLConfig", "EvalConfig", "EVAL_METRICS", "EXTRACTORS", "SAMPLERS",
+           "SOLVER_SCHEDULES"]
 
 EVAL_METRICS = ("fid", "kid", "is", "pr")
+# The loops of the diffusion itself, then the few-step solvers of iddpm.diffusion.solvers (SOLVERS) and their step
+# grids (iddpm.diffusion.timesteps.SCHEDULES).  The config room lies below the diffusion room, so the names are
+# repeated here; tests/unit/test_sample_solvers.py pins them to the solvers' own tuples.
+SAMPLERS = ("ancestral", "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde", "unipc", "ddim-ode")
+SOLVER_SCHEDULES = ("uniform", "logsnr", "karras")
 EXTRACTORS = ("auto", "digits", "inception", "random")
 NLL_OUT_SUFFIXES = (".csv", ".npz", ".json")
 
@@ -39,6 +45,15 @@ class SampleConfig:
     seed: int = 0  # sample i's noise comes from (seed, i)
     use_ddim: bool = False  # DDIM steps instead of ancestral sampling (with --timestep_respacing ddimN)
     eta: float = 0.0  # DDIM eta (0 = deterministic)
+    sampler: str = field(default="", metadata={"help": (
+        "ancestral | ddim | a few-step solver: dpm++2m, dpm++3m, dpm++2m-sde, unipc, ddim-ode (on the full T-step "
+        "diffusion, NFE = --steps); '' = ancestral, or DDIM with --use_ddim")})
+    steps: int = field(default=0, metadata={"help": (
+        "sampling steps = model evaluations per sample (NFE); for ancestral / ddim the respacing N; "
+        "0 = the count of --timestep_respacing (or the run's)")})
+    schedule: str = field(default="", metadata={"help": (
+        "a solver's step grid: uniform | logsnr | karras ('' = the solver's measured default, logsnr for the "
+        "multistep solvers)")})
     clip_denoised: bool = True  # clamp the x_0 prediction to [-1, 1] at every step
     classes: str = ""  # class-conditional models: "" random labels, "balanced", or one class "K"
     out: str = "samples"  # output folder written by the CLI (api: save=True)
@@ -54,14 +69,44 @@ class SampleConfig:
             raise ConfigError(f"--batch_size {self.batch_size}: must be >= 1")
         if self.eta < 0:
             raise ConfigError(f"--eta {self.eta}: must be >= 0 (0 = deterministic DDIM)")
-        if self.eta and not self.use_ddim:
-            raise ConfigError(f"--eta {self.eta}: only used with --use_ddim; add --use_ddim or drop --eta")
+        if self.eta and not self.ddim:
+            raise ConfigError(f"--eta {self.eta}: only used with --use_ddim (or --sampler ddim); add it or drop --eta")
+        self._check_sampler()
         if self.trajectory not in ("", "strip", "gif"):
             raise ConfigError(f"--trajectory {self.trajectory!r}: choose strip or gif")
         if self.grid_size < 0:
             raise ConfigError(f"--grid_size {self.grid_size}: must be >= 0 (0 = no grid)")
         self.class_spec()
         return self
+
+    @property
+    def solver(self) -> bool:
+        """True for a few-step solver (``--sampler dpm++2m`` etc.), False for the diffusion's own loops."""
+        return self.sampler not in ("", "ancestral", "ddim")
+
+    @property
+    def ddim(self) -> bool:
+        """DDIM steps (``--use_ddim`` or ``--sampler ddim``)."""
+        return self.use_ddim or self.sampler == "ddim"
+
+    @property
+    def sampler_name(self) -> str:
+        """The sampler in words of :data:`SAMPLERS` (``""`` resolved to ``ancestral`` / ``ddim``)."""
+        return self.sampler or ("ddim" if self.use_ddim else "ancestral")
+
+    def _check_sampler(self) -> None:
+        if self.sampler and self.sampler not in SAMPLERS:
+            raise ConfigError(f"--sampler {self.sampler!r}: unknown; choose one of {', '.join(SAMPLERS)}")
+        if self.steps < 0:
+            raise ConfigError(f"--steps {self.steps}: must be >= 1 (or 0 for the count of --timestep_respacing)")
+        if self.schedule and self.schedule not in SOLVER_SCHEDULES:
+            raise ConfigError(f"--schedule {self.schedule!r}: unknown; choose one of {', '.join(SOLVER_SCHEDULES)}")
+        if self.schedule and not self.solver:
+            raise ConfigError(f"--schedule {self.schedule}: only for the solvers (--sampler {', '.join(SAMPLERS[2:])})"
+                              f"; {self.sampler_name} steps on the grid of --timestep_respacing / --steps")
+        if self.use_ddim and self.sampler not in ("", "ddim"):
+            raise ConfigError(f"--use_ddim: not with --sampler {self.sampler} (use --sampler ddim, or drop "
+                              "--use_ddim)")
 
     def class_spec(self) -> int | str | None:
         """``classes`` as :func:`iddpm.sample.resolve_labels` takes it: None, ``"balanced"`` or an int."""

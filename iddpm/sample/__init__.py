@@ -1,7 +1,8 @@
 """Sample generation: batch-size-invariant loops, super-resolution, npz / PNG / GIF output.
 
 Main entry points: :func:`generate` (uint8 NHWC images from a model + diffusion), :func:`upsample`
-(super-resolution from base samples), :func:`save_npz` (the original's layout), :func:`save_grid`.
+(super-resolution from base samples), :func:`plan_sampling` (``--sampler`` / ``--steps`` resolved),
+:func:`save_npz` (the original's layout), :func:`save_grid`.
 """
 
 from iddpm.sample.loop import SampleResult, gather_results, generate, resolve_labels, trajectory_frame_steps
@@ -17,6 +18,7 @@ from iddpm.sample.output import (
     save_trajectory,
     to_uint8,
 )
+from iddpm.sample.plan import SamplingPlan, plan_sampling
 from iddpm.sample.superres import low_res_from_uint8, upsample
 
 __all__ = [
@@ -38,4 +40,6 @@ __all__ = [
     "to_uint8",
     "low_res_from_uint8",
     "upsample",
+    "SamplingPlan",
+    "plan_sampling",
 ]

@@ -37,6 +37,9 @@ def upsample(
     seed: int = 0,
     use_ddim: bool = False,
     eta: float = 0.0,
+    sampler: str = "",
+    steps: int = 0,
+    schedule: str = "",
     clip_denoised: bool = True,
     device: str | torch.device = "cpu",
     progress: bool = True,
@@ -48,6 +51,7 @@ def upsample(
 
     base_images: uint8 (N, h, w, C) with h = w = the model's small_size.
     class_cond: pass ``base_labels`` as ``y`` (required then); ``num_classes`` is the model's class count.
+    sampler / steps / schedule: as :func:`iddpm.sample.generate` (a solver needs the full, unrespaced diffusion).
     rank / world_size: this process's share of a distributed run (see :func:`iddpm.sample.generate`).
     """
     base_images = np.asarray(base_images)
@@ -63,7 +67,8 @@ def upsample(
     result = generate(
         model, diffusion, num_samples=len(base_images), batch_size=batch_size,
         image_shape=(channels, large_size, large_size), seed=seed, use_ddim=use_ddim, eta=eta,
-        clip_denoised=clip_denoised, classes=labels if class_cond else None,
+        sampler=sampler, steps=steps, schedule=schedule, clip_denoised=clip_denoised,
+        classes=labels if class_cond else None,
         num_classes=(num_classes or int(labels.max()) + 1) if class_cond else None,
         model_kwargs_fn=kwargs_fn, device=device, progress=progress, return_trajectory=return_trajectory,
         rank=rank, world_size=world_size,
