@@ -38,6 +38,7 @@ from iddpm.config import (
 )
 from iddpm.eval.evaluate import evaluate as evaluate_sets
 from iddpm.eval.nll import NLLResult, compute_nll_share, merge_nll_shares, nll_loader, save_nll
+from iddpm.eval.report import plot_run as draw_run_report
 from iddpm.models import optimize
 from iddpm.runtime.atomic import atomic_write_text
 from iddpm.runtime.distributed import distributed_context, resolve_device
@@ -48,7 +49,7 @@ from iddpm.train.app import load_saved_run_config
 from iddpm.train.app import train as train_run
 from iddpm.train.trainer import TrainResult
 
-__all__ = ["load_run", "sample", "upsample", "nll", "evaluate", "train", "train_config", "convert_openai",
+__all__ = ["load_run", "sample", "upsample", "nll", "evaluate", "train", "train_config", "plot_run", "convert_openai",
            "export_diffusers", "import_diffusers", "build_model", "build_diffusion", "resolve_checkpoint",
            "pick_weights_file"]
 
@@ -421,3 +422,13 @@ def import_diffusers(folder: str | os.PathLike, out: str | os.PathLike):
     state_dict, cfg = import_pipeline(folder)
     return save_model_file(out, state_dict, cfg, extra_metadata={"source": str(folder),
                                                                  "converted_by": "iddpm import diffusers"})
+
+
+# --------------------------------------------------------------------------------------------
+# plots
+# --------------------------------------------------------------------------------------------
+def plot_run(run: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """One PNG of a training run (``iddpm plot RUN``): training loss (total, mse, vb), loss per quarter of t, FID
+    vs step from ``eval.csv`` (``--eval_every``) and the latest sample grid; written to ``out`` (default
+    ``RUN_DIR/report.png``).  Returns its path.  Needs matplotlib (``pip install 'iddpm[plots]'``)."""
+    return draw_run_report(run, out)

@@ -8,7 +8,9 @@ within ~1000 steps (0.999 would still hold ~37% of them after 1000 steps), and T
 NLL of the whole test split takes about a minute.  Any training flag overrides these, e.g.
 ``iddpm demo --minutes 10 --class_cond True``.  The sample grid is drawn with :data:`DEMO_SAMPLER`
 (DPM-Solver++ 2M) in ``--sample_steps`` (default 20) model evaluations, the best few-step sampler measured on
-this model by ``benchmarks/samplers.py``.
+this model by ``benchmarks/samplers.py``.  Every 300 steps (and at the end) the training measures the
+digit-FID of 200 samples (25 ancestral steps) against the test digits (``--eval_every``, see
+:mod:`iddpm.train.evaluation`; ``RUN_DIR/eval.csv``); the sample-quality line is that final evaluation.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from iddpm.checkpoints.run_dir import read_config
 from iddpm.cli.args import add_config_flags, resolve_run_config
 from iddpm.config import ConfigError, apply_overrides, preset
 from iddpm.data.digits import load_digits_split
+from iddpm.eval.report import read_eval_csv
 from iddpm.sample import save_grid, save_npz
 
 DEMO_RUN_DIR = "runs/demo"
@@ -39,7 +42,8 @@ DEMO_SAMPLE_STEPS = 20
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--minutes", type=float, default=5.0,
-                        help="training time budget in minutes (default 5; sampling and NLL take 1-2 more)")
+                        help="training time budget in minutes (default 5; the periodic FID, sampling and NLL take "
+                             "1-2 more)")
     parser.add_argument("--num_samples", type=int, default=100, help="images in the sample grid (default 100)")
     parser.add_argument("--sample_steps", type=int, default=DEMO_SAMPLE_STEPS,
                         help=f"sampling steps = model evaluations per image of the grid, with the {DEMO_SAMPLER} "
@@ -57,7 +61,32 @@ def demo_base_config():
     """The digits preset with :data:`DEMO_OVERRIDES` and the demo's run settings (before command-line flags)."""
     base = apply_overrides(preset("digits"), DEMO_OVERRIDES, source="demo")
     return base.replace(train=dataclasses.replace(base.train, run_dir=DEMO_RUN_DIR, save_interval=0,
-                                                  log_interval=100, sample_every=0))
+                                                  log_interval=100, sample_every=0, eval_every=300,
+                                                  eval_samples=200, eval_steps=25, eval_ref="digits-test"))
+
+
+def _fit_eval(cfg):
+    """The demo's periodic FID fitted to the run: at most T sampling steps, and off for images other than the 8x8
+    grayscale digits that its digits-test reference holds."""
+    tc, m = cfg.train, cfg.model
+    off = (m.image_size, m.in_channels) != (8, 1) and tc.eval_ref == "digits-test"
+    tc = dataclasses.replace(tc, eval_every=0 if off else tc.eval_every, keep_best=tc.keep_best and not off,
+                             eval_steps=min(tc.eval_steps, cfg.diffusion.diffusion_steps))
+    return cfg.replace(train=tc)
+
+
+def _quality(cfg, run_dir: Path, n_test: int | None) -> str:
+    """The final evaluation of the first EMA rate (the last row of ``eval.csv``) in words ("" without one)."""
+    rows = [r for r in read_eval_csv(run_dir / "eval.csv") if float(r["ema_rate"]) == cfg.train.ema_rates[0]]
+    if not rows:
+        return ""
+    q, ref = rows[-1], cfg.train.eval_ref
+    name = "digit-FID" if (cfg.model.image_size, cfg.model.in_channels) == (8, 1) else "FID"
+    vs = f"the {n_test} test digits" if ref == "digits-test" and n_test else (ref or "the training data")
+    f = {k: float(q[k] or "nan") for k in ("fid", "fid_se", "precision", "recall")}  # "" = not computed
+    return (f"{name} {f['fid']:.2f} +- {f['fid_se']:.2f} vs {vs} ({q['num_samples']} samples, {q['sampler']} "
+            f"{q['steps']} steps, at step {q['step']}; every evaluation in {run_dir / 'eval.csv'}), "
+            f"precision {f['precision']:.2f}, recall {f['recall']:.2f}")
 
 
 def _fresh_run_dir(run_dir: Path) -> None:
@@ -83,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--minutes {args.minutes}: must be > 0")
     base = demo_base_config()
     base = base.replace(train=dataclasses.replace(base.train, max_minutes=args.minutes))
-    cfg = resolve_run_config(args, base=base)
+    cfg = _fit_eval(resolve_run_config(args, base=base))
     run_dir = Path(cfg.train.run_dir)
     _fresh_run_dir(run_dir)
     if args.threads > 0:
@@ -94,8 +123,10 @@ def run(args: argparse.Namespace) -> int:
           f"{cfg.train.max_minutes:g} min (run dir {run_dir})", file=sys.stderr)
     result = api.train(cfg, progress=not args.no_progress)
     t_train = time.perf_counter() - t_start
-    print(f"iddpm demo: {result.step} steps ({result.step * cfg.train.batch_size} images) in {result.seconds:.0f} s, "
-          f"{result.images_per_second:.0f} img/s", file=sys.stderr)
+    t_eval = result.eval_seconds
+    print(f"iddpm demo: {result.step} steps ({result.step * cfg.train.batch_size} images) in "
+          f"{result.seconds - t_eval:.0f} s, {result.images_per_second:.0f} img/s (+ {t_eval:.0f} s measuring FID)",
+          file=sys.stderr)
 
     steps = min(args.sample_steps, cfg.diffusion.diffusion_steps)
     samples = api.sample(run_dir, num_samples=args.num_samples, batch_size=args.num_samples, seed=cfg.train.seed,
@@ -103,14 +134,10 @@ def run(args: argparse.Namespace) -> int:
                          device=cfg.train.device, progress=not args.no_progress)
     grid = save_grid(samples.images, run_dir / "samples.png", nrow=10)
     save_npz(run_dir / "samples.npz", samples.images, samples.labels)
-    quality = ""
-    if (m.image_size, m.in_channels) == (8, 1):  # the shipped digits CNN's input
-        q = api.evaluate(samples.images, "digits-test", metrics=("fid", "pr"))
-        quality = (f"digit-FID {q['fid']:.2f} vs the {q['num_reference']} test digits (digits-CNN features; "
-                   f"{q['num_samples']} samples), precision {q['precision']:.2f}, recall {q['recall']:.2f}")
     t_sample = time.perf_counter() - t_start - t_train
 
     n_test = len(load_digits_split("test")[0]) if cfg.data.data_dir in ("", "digits") else None
+    quality = _quality(cfg, run_dir, n_test)
     n_eval = args.nll_examples if args.nll_examples > 0 else (n_test or 0)
     nll = api.nll(run_dir, split="test", batch_size=min(n_eval, 120) if n_eval else 120, num_examples=n_eval,
                   seed=cfg.train.seed, device=cfg.train.device, out=str(run_dir / "nll.json"), save=True,
@@ -126,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"sample quality: {quality}")
     print(f"test NLL: {nll.bpd:.3f} +- {nll.bpd_stderr:.3f} bits/dim over {which} "
           f"(T = {cfg.diffusion.diffusion_steps}, {cond})")
-    print(f"time: {total / 60:.1f} min (train {t_train:.0f} s, sample {t_sample:.0f} s, nll {t_nll:.0f} s); "
+    print(f"time: {total / 60:.1f} min (train {t_train - t_eval:.0f} s, FID {t_eval:.0f} s, sample {t_sample:.0f} s, "
+          f"nll {t_nll:.0f} s); "
           f"checkpoint {result.last_checkpoint}")
     return 0

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "upsample": ("iddpm.cli.upsample", "super-resolve base samples from an npz"),
     "nll": ("iddpm.cli.nll", "exact negative log-likelihood in bits/dim (calc_bpd_loop)"),
     "eval": ("iddpm.cli.evaluate", "FID / KID / IS / precision-recall between samples and a reference"),
+    "plot": ("iddpm.cli.plot", "one PNG of a training run: losses, FID vs step, the latest sample grid"),
     "convert-openai": ("iddpm.cli.convert", "convert an improved-diffusion .pt checkpoint to iddpm format"),
     "presets": ("iddpm.cli.presets", "list the named presets and their settings"),
     "export": ("iddpm.cli.interop", "export a model to another library's format (diffusers DDPMPipeline)"),

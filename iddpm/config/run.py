@@ -153,6 +153,22 @@ class TrainConfig:
     keep_last: int = 3
     fast: bool = True  # use iddpm.models.optimize(model, "train")
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # sample quality measured while training (iddpm.train.evaluation)
+    eval_every: int = field(default=0, metadata={"help": (
+        "every N steps and at the end: FID (bootstrap s.e.), KID, precision, recall of --eval_samples images per "
+        "EMA rate against --eval_ref; results in eval.csv, metrics.csv, TensorBoard (0 = off)")})
+    eval_samples: int = field(default=1000, metadata={"help": "images per evaluation and EMA rate (>= 2)"})
+    eval_sampler: str = field(default="ancestral", metadata={"help": (
+        "ancestral | ddim | a few-step solver of iddpm sample --sampler (dpm++2m, ...)")})
+    eval_steps: int = field(default=50, metadata={"help": "sampling steps (model evaluations) per image"})
+    eval_ref: str = field(default="", metadata={"help": (
+        "reference: '' = the training data; an image folder, .npz of images or saved statistics, or digits-test; "
+        "its statistics are cached in RUN_DIR/ref_stats.npz")})
+    eval_batch_size: int = field(default=256, metadata={"help": (
+        "images per sampling batch of an evaluation (batches are shared out between processes)")})
+    keep_best: bool = field(default=False, metadata={"help": (
+        "keep RUN_DIR/checkpoints/best_ema_<rate>/, the weights with the best FID so far (needs --eval_every)")})
+
     @property
     def ema_rates(self) -> tuple[float, ...]:
         return parse_float_list(self.ema_rate, "ema_rate")
@@ -188,6 +204,24 @@ class TrainConfig:
                      "weight_decay", "log_interval"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name} {getattr(self, name)}: must be >= 0 (0 = off)")
+        self._validate_eval()
+
+    def _validate_eval(self) -> None:
+        """The settings of the periodic evaluation (the sampler and feature network are checked at the start of
+        the run, by :func:`iddpm.train.evaluation.prepare_evaluation`)."""
+        if self.eval_every < 0:
+            raise ConfigError(f"--eval_every {self.eval_every}: must be >= 0 (0 = off)")
+        if self.eval_samples < 2:
+            raise ConfigError(f"--eval_samples {self.eval_samples}: must be >= 2 (FID needs the covariance of at "
+                              "least two sample features; 1000 or more give stable numbers)")
+        if self.eval_steps < 1:
+            raise ConfigError(f"--eval_steps {self.eval_steps}: must be >= 1")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"--eval_batch_size {self.eval_batch_size}: must be >= 1")
+        if self.keep_best and self.eval_every <= 0:
+            raise ConfigError("--keep_best: needs --eval_every N (the best checkpoint is chosen by the FID measured "
+                              "every N steps)")
+
 
 @dataclass(frozen=True)
 class RunConfig:

@@ -38,6 +38,7 @@ from iddpm.diffusion import create_named_schedule_sampler
 from iddpm.models import optimize
 from iddpm.runtime import init_distributed, make_sinks, seed_everything
 from iddpm.runtime.lock import FolderLock, check_unlocked, lock_folder
+from iddpm.train.evaluation import PeriodicEvaluator, prepare_evaluation
 from iddpm.train.trainer import Trainer, TrainResult, step_limit
 
 MAY_CHANGE_ON_RESUME = frozenset({"dropout", "use_checkpoint"})  # neither changes what the weights compute
@@ -224,6 +225,7 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike | None = None, d
     cfg = cfg.validate()
     dist = dist or init_distributed(cfg.train.device)
     local_batch = check_batch(cfg, dist.world_size)
+    evaluation = prepare_evaluation(cfg, dist.device)  # --eval_every: sampler, steps, feature network checked now
     run_dir = Path(run_dir) if run_dir is not None else resolve_run_dir(cfg)
     ckpt = preflight(cfg, run_dir, resume_from)
     limit, limit_name = step_limit(cfg.train)
@@ -244,6 +246,11 @@ def build_trainer(cfg: RunConfig, *, run_dir: str | os.PathLike | None = None, d
                     clear_previous_run(run_dir)
             write_config(run_dir, cfg)
         trainer.sinks = make_sinks(run_dir, enabled=dist.is_main, resume_step=ckpt.step if ckpt else None)
+        if evaluation is not None:  # rank 0 computes (or reuses) the reference statistics here
+            same = ckpt is not None and (cfg.train.resume or _same_run(ckpt.path, run_dir))
+            trainer.evaluator = PeriodicEvaluator(cfg, evaluation, run_dir=run_dir, dist=dist,
+                                                  resume_state=ckpt.state.get("eval") if same else None,
+                                                  resume_step=ckpt.step if same else None)
     except BaseException:
         if lock is not None:
             lock.release()

@@ -80,6 +80,7 @@ class TrainResult:
     images_per_second: float
     seconds: float
     start_step: int = 0  # the step the run started (or resumed) at
+    eval_seconds: float = 0.0  # spent in periodic evaluation (--eval_every): in seconds, not in --max_minutes
 
 
 class Trainer:
@@ -98,14 +99,16 @@ class Trainer:
         sample_diffusion: a (respaced) diffusion for the sample grids (None: no grids); ``sample_ddim``:
             sample it with DDIM (eta 0) instead of ancestral steps.
         grid_low_res: float32 [n, C, h, w] inputs for super-resolution sample grids.
+        evaluator: periodic sample-quality evaluation (:class:`iddpm.train.evaluation.PeriodicEvaluator`) or None.
     """
 
     def __init__(self, *, model: torch.nn.Module, diffusion, data, schedule_sampler, dist: DistContext,
                  cfg: RunConfig, sinks: MultiSink | None = None, run_dir: str | Path | None = None,
                  train_module: torch.nn.Module | None = None, sample_diffusion=None,
                  sample_ddim: bool = False, grid_low_res: torch.Tensor | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, evaluator=None) -> None:
         self.model = model
+        self.evaluator = evaluator
         self.train_module = train_module if train_module is not None else model
         self.diffusion = diffusion
         self.data = data
@@ -153,6 +156,8 @@ class Trainer:
             "rng": rng,
             "health": self.health.state_dict(),
         }
+        if self.evaluator is not None:
+            state["eval"] = self.evaluator.state_dict()
         return state
 
     def save(self) -> Path | None:
@@ -285,6 +290,7 @@ class Trainer:
                           seconds_budget=60.0 * tc.max_minutes if tc.max_minutes > 0 else None)
         t0 = time.perf_counter()
         t_log, step_log = t0, self.step
+        eval_s = 0.0  # periodic evaluation: kept out of --max_minutes and img/s
         reason = "max_steps"
         it = iter(self.data)
         try:
@@ -292,7 +298,7 @@ class Trainer:
                 if limit is not None and self.step >= limit:
                     reason = limit_name
                     break
-                stop_time = tc.max_minutes > 0 and time.perf_counter() - t0 >= 60.0 * tc.max_minutes
+                stop_time = tc.max_minutes > 0 and time.perf_counter() - t0 - eval_s >= 60.0 * tc.max_minutes
                 if self.dist.any_flag(self.signals.requested is not None or stop_time):
                     reason = "signal" if self.signals.requested or not stop_time else "max_minutes"
                     break
@@ -307,10 +313,15 @@ class Trainer:
                     self.sinks.write(self.step, metrics)
                     self.meter.reset()
                     t_log, step_log = now, self.step
+                if self.evaluator is not None and self.evaluator.due(self.step):  # before the checkpoint records it
+                    dt = self._evaluate(bar)
+                    eval_s, t_log = eval_s + dt, t_log + dt
                 if tc.save_interval > 0 and self.step % tc.save_interval == 0:
                     self.save()
                 if tc.sample_every > 0 and self.step % tc.sample_every == 0:
                     self.sample_grid()
+            if self.evaluator is not None and reason != "signal" and self.evaluator.due(self.step, final=True):
+                eval_s += self._evaluate(bar)  # the end of the run too (not after a signal: stop quickly)
             if self._last_saved_step != self.step:
                 self.save()
         except KeyboardInterrupt:
@@ -322,8 +333,20 @@ class Trainer:
             self.sinks.close()
             self.signals.restore()
         seconds = time.perf_counter() - t0
-        ips = (self.step - start_step) * self.global_batch / seconds if seconds > 0 else 0.0
-        return TrainResult(self.step, reason, self.last_checkpoint, ips, seconds, start_step=start_step)
+        ips = (self.step - start_step) * self.global_batch / (seconds - eval_s) if seconds > eval_s else 0.0
+        return TrainResult(self.step, reason, self.last_checkpoint, ips, seconds, start_step=start_step,
+                           eval_seconds=eval_s)
+
+    def _evaluate(self, bar: ProgressBar) -> float:
+        """Run the periodic evaluation (every rank: the sampling is shared) and return its seconds.  The bar's
+        clock is moved on by them (its img/s and time left count training only) and it shows the last FID."""
+        t = time.perf_counter()
+        note = self.evaluator.run(self)
+        dt = time.perf_counter() - t
+        bar._t0 += dt  # ProgressBar has no pause(); its rate and "left" are measured from _t0
+        if note:
+            bar.bar.set_description(note, refresh=False)
+        return dt
 
     # ------------------------------------------------------------------------------------------
     # sample grids

@@ -10,7 +10,7 @@ from iddpm.checkpoints.run_dir import read_config
 from iddpm.cli.main import main
 
 FAST = ["--minutes", "0.02", "--num_res_blocks", "1", "--diffusion_steps", "20", "--nll_examples", "4",
-        "--num_samples", "6", "--sample_steps", "5", "--no_progress"]
+        "--num_samples", "6", "--sample_steps", "5", "--eval_samples", "6", "--no_progress"]
 
 
 def test_demo_tiny(tmp_path, capsys, monkeypatch):
@@ -23,6 +23,7 @@ def test_demo_tiny(tmp_path, capsys, monkeypatch):
     assert "bits/dim over a subset: the first 4 of 360 test images (T = 20, unconditional)" in out
     assert "time:" in out
     assert "sample quality: digit-FID " in out and "vs the 360 test digits" in out and "6 samples" in out
+    assert "at step" in out and (run / "eval.csv").is_file()  # the final evaluation of the training run
     assert Image.open(run / "samples.png").size[0] > 6 * 8
     assert np.load(run / "samples.npz")["arr_0"].shape == (6, 8, 8, 1)
     nll = json.loads((run / "nll.json").read_text())
