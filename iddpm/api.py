@@ -20,7 +20,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from iddpm.build import build_diffusion, build_model, build_sampling_diffusion, with_respacing
+from iddpm.build import (
+    build_diffusion,
+    build_model,
+    build_sampling_diffusion,
+    guidance_capable,
+    null_label,
+    with_respacing,
+)
 from iddpm.checkpoints.diffusers_bridge import export_pipeline, import_pipeline
 from iddpm.checkpoints.loading import convert_openai, load_trained
 from iddpm.checkpoints.model_file import save_model_file
@@ -36,6 +43,7 @@ from iddpm.config import (
     replace_checked,
     resolve_train_config,
 )
+from iddpm.diffusion import classifier_free_guidance
 from iddpm.eval.evaluate import evaluate as evaluate_sets
 from iddpm.eval.nll import NLLResult, compute_nll_share, merge_nll_shares, nll_loader, save_nll
 from iddpm.eval.report import plot_run as draw_run_report
@@ -140,7 +148,9 @@ def sample(run: str | os.PathLike | None = None, settings: SampleConfig | None =
     device, fast).  ``timestep_respacing`` (e.g. ``"ddim25"`` with ``use_ddim=True``) rebuilds the diffusion from
     the config.  ``sampler="dpm++2m", steps=15`` (``schedule=`` uniform / logsnr / karras): a few-step solver
     on the full T-step diffusion, NFE = steps (see :mod:`iddpm.sample.plan`).  ``classes``: None
-    (``settings.classes``), an int, ``"balanced"`` or a list of labels.  The same
+    (``settings.classes``), an int, ``"balanced"`` or a list of labels.
+    ``guidance_scale`` W: classifier-free guidance of a model trained with ``class_dropout > 0`` (1 = plain
+    conditional, 0 = unconditional; see :func:`_sampling_model`).  The same
     ``seed`` gives the same images whatever ``batch_size`` (and number of processes).  ``save=True`` writes
     ``settings.out`` (npz, grid, sample_info.json).  Returns :class:`iddpm.sample.SampleResult` (None off rank 0).
     """
@@ -161,7 +171,7 @@ def sample(run: str | os.PathLike | None = None, settings: SampleConfig | None =
         shape, num_classes = _sample_shape(cfg, image_shape, num_classes, x_T)
         start = time.perf_counter()
         part = generate(
-            optimize(model, "sample") if source.fast else model, diffusion, num_samples=settings.num_samples,
+            _sampling_model(model, cfg, settings, source), diffusion, num_samples=settings.num_samples,
             batch_size=settings.batch_size, image_shape=shape, seed=settings.seed, **plan.loop_kwargs(),
             eta=settings.eta, clip_denoised=settings.clip_denoised, classes=labels, num_classes=num_classes,
             device=device, progress=progress and ctx.is_main, rank=ctx.rank, world_size=ctx.world_size,
@@ -172,6 +182,31 @@ def sample(run: str | os.PathLike | None = None, settings: SampleConfig | None =
     result = gather_results(parts)
     return _finish(result, settings, source, cfg, diffusion, weights, time.perf_counter() - start, save,
                    plan=plan, classes=labels)
+
+
+def _sampling_model(model, cfg: RunConfig | None, settings: SampleConfig, source: SourceConfig):
+    """What every sampler runs: the network (fast path with ``source.fast``), wrapped for classifier-free guidance
+    when ``settings.guidance_scale`` != 1 (:func:`iddpm.diffusion.classifier_free_guidance`).  The one place
+    guidance is applied, so ancestral, DDIM and the solvers all get it; refused (one line) for a model without
+    an unconditional branch (trained without ``--class_dropout``)."""
+    w = settings.guidance_scale
+    if w != 1.0:
+        if w < 0:
+            raise ConfigError(f"--guidance_scale {w:g}: must be >= 0 (0 unconditional, 1 plain conditional, "
+                              "> 1 guided)")
+        if cfg is None:
+            raise ConfigError(f"--guidance_scale {w:g}: with model= pass cfg= (guidance needs its class_dropout)")
+        if not cfg.model.class_cond:
+            raise ConfigError(f"--guidance_scale {w:g}: the model is unconditional (trained without --class_cond); "
+                              "guidance needs a class-conditional model trained with --class_dropout > 0")
+        if not guidance_capable(cfg):
+            raise ConfigError(f"--guidance_scale {w:g}: the model was trained without label dropout "
+                              "(--class_dropout 0), so it has no unconditional branch to guide with; retrain with "
+                              "--class_dropout 0.1 or sample with --guidance_scale 1")
+    net = optimize(model, "sample") if source.fast else model
+    if w == 1.0:
+        return net
+    return classifier_free_guidance(net, w, null_label(cfg), learned_sigma=cfg.diffusion.learn_sigma)
 
 
 def _sample_shape(cfg, image_shape, num_classes, x_T):
@@ -202,6 +237,7 @@ def _finish(result: SampleResult, settings: SampleConfig, source: SourceConfig, 
         "num_sampling_steps": nfe, "use_ddim": bool(settings.use_ddim),
         **(plan.info(nfe) if plan is not None else {}),
         "eta": settings.eta, "clip_denoised": bool(settings.clip_denoised), "seconds": round(seconds, 3),
+        "guidance_scale": settings.guidance_scale,
         "config": cfg.to_dict() if cfg is not None else None,
         **{k: (v if isinstance(v, (int, str, type(None))) else "given") for k, v in extra.items()},
     }
@@ -239,7 +275,7 @@ def upsample(run: str | os.PathLike, base_samples, settings: SampleConfig | None
         m = _check_superres(cfg, images, labels, flag, run)
         start = time.perf_counter()
         part = upsample_images(
-            optimize(model, "sample") if source.fast else model, diffusion, images, large_size=m.image_size,
+            _sampling_model(model, cfg, settings, source), diffusion, images, large_size=m.image_size,
             base_labels=labels, class_cond=m.class_cond, num_classes=m.num_classes if m.class_cond else None,
             batch_size=settings.batch_size, seed=settings.seed, **plan.loop_kwargs(), eta=settings.eta,
             clip_denoised=settings.clip_denoised, device=ctx.device, progress=progress and ctx.is_main,
@@ -304,6 +340,9 @@ def nll(run: str | os.PathLike | None = None, settings: NLLConfig | None = None,
                                             timestep_respacing, device, say)
         if cfg is not None and cfg.model.super_res:
             raise ConfigError(f"--run {run}: NLL of super-resolution models is not supported (needs low_res inputs)")
+        if say and cfg is not None and guidance_capable(cfg):
+            say(f"class_dropout {cfg.model.class_dropout:g}: NLL conditional on the true labels (guidance_scale "
+                "does not apply to likelihoods)")
         if data is None:
             data = _nll_data(cfg, settings, say)
         start = time.perf_counter()

@@ -13,7 +13,8 @@ from iddpm.config import ConfigError, DiffusionConfig, RunConfig, parse_int_list
 from iddpm.diffusion import SpacedDiffusion, create_gaussian_diffusion
 from iddpm.models import UNetModel, create_model, sr_create_model
 
-__all__ = ["build_model", "build_diffusion", "build_sampling_diffusion", "with_respacing"]
+__all__ = ["build_model", "build_diffusion", "build_sampling_diffusion", "with_respacing", "guidance_capable",
+           "null_label"]
 
 
 def build_diffusion(dcfg: DiffusionConfig, timestep_respacing: str | None = None) -> SpacedDiffusion:
@@ -41,6 +42,10 @@ def build_model(cfg: RunConfig) -> UNetModel:
 
     Built on the current default device (wrap in ``torch.device("meta")`` to get the layout without memory).
     The two factories mirror the original's two script signatures (``create_model`` / ``sr_create_model``).
+    A class-conditional model trained with label dropout (``class_dropout > 0``, classifier-free guidance) gets
+    ``label_emb`` of ``num_classes + 1`` rows: row ``num_classes`` is the "no label" input
+    (:func:`null_label`).  ``class_dropout == 0`` keeps the original's layout (``num_classes`` rows), so released
+    class-conditional checkpoints load strictly.
     """
     m = cfg.model
     common = dict(
@@ -56,11 +61,23 @@ def build_model(cfg: RunConfig) -> UNetModel:
         dropout=m.dropout,
         channel_mult=parse_int_list(m.channel_mult, "channel_mult") or None,
         in_channels=m.in_channels,
-        num_classes=m.num_classes,
+        num_classes=m.num_classes + 1 if guidance_capable(cfg) else m.num_classes,
     )
     if m.super_res:
         return sr_create_model(large_size=m.image_size, small_size=m.small_size, **common)
     return create_model(image_size=m.image_size, **common)
+
+
+def guidance_capable(cfg: RunConfig) -> bool:
+    """Whether ``cfg``'s model was trained with label dropout (so it has a "no label" row and supports guidance)."""
+    return bool(cfg.model.class_cond and cfg.model.class_dropout > 0)
+
+
+def null_label(cfg: RunConfig) -> int:
+    """The "no label" class index of a model trained with ``class_dropout > 0``: ``num_classes``."""
+    if not guidance_capable(cfg):
+        raise ConfigError("null label: the model has none (trained without --class_cond True and --class_dropout > 0)")
+    return cfg.model.num_classes
 
 
 def build_sampling_diffusion(cfg: RunConfig, timestep_respacing: str | None = None) -> SpacedDiffusion:

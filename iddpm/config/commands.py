@@ -55,6 +55,7 @@ class SampleConfig:
         "a solver's step grid: uniform | logsnr | karras ('' = the solver's measured default, logsnr for the "
         "multistep solvers)")})
     clip_denoised: bool = True  # clamp the x_0 prediction to [-1, 1] at every step
+    guidance_scale: float = 1.0  # classifier-free guidance W (needs --class_dropout > 0): 1 plain, 0 unconditional
     classes: str = ""  # class-conditional models: "" random labels, "balanced", or one class "K"
     out: str = "samples"  # output folder written by the CLI (api: save=True)
     save_pngs: bool = False  # also one PNG per sample in OUT/pngs/

@@ -40,6 +40,9 @@ class ModelConfig:
     dropout: float = 0.0
     class_cond: bool = False
     num_classes: int = 1000
+    # classifier-free guidance: each training label is replaced by the "no label" index num_classes with this
+    # probability (0 = the original's model and state_dict; > 0 adds one label-embedding row)
+    class_dropout: float = 0.0
     use_checkpoint: bool = False
     use_scale_shift_norm: bool = True
     # super-resolution (super_res_train.py): large_size is image_size; small_size > 0 enables it
@@ -69,6 +72,10 @@ class ModelConfig:
         parse_int_list(self.channel_mult, "channel_mult")
         if self.class_cond and self.num_classes < 1:
             raise ConfigError(f"--num_classes {self.num_classes}: must be >= 1 with --class_cond")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ConfigError(f"--class_dropout {self.class_dropout}: must be in [0, 1) (0 = no label dropout)")
+        if self.class_dropout > 0 and not self.class_cond:
+            raise ConfigError(f"--class_dropout {self.class_dropout}: needs --class_cond True (labels to drop)")
         if self.small_size and self.small_size >= self.image_size:
             raise ConfigError(
                 f"--small_size {self.small_size}: must be smaller than --large_size/--image_size {self.image_size}"

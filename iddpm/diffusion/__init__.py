@@ -4,12 +4,14 @@ Model-agnostic (any ``model(x, t, **model_kwargs)``), numerically identical to O
 (same names, so code written for it ports by changing imports).  Extensions: every random draw can take an
 explicit ``generator=`` (torch.Generator) and the loops accept ``step_noise=`` to substitute the per-step noise
 (see :mod:`iddpm.diffusion.noise`).  Few-step solvers (DPM-Solver++, UniPC) over the same model callable:
-:func:`solve` (see :mod:`iddpm.diffusion.solvers`).
+:func:`solve` (see :mod:`iddpm.diffusion.solvers`).  Classifier-free guidance is a model wrapper:
+:func:`classifier_free_guidance` (see :mod:`iddpm.diffusion.guidance`).
 """
 
 from .enums import LossType, ModelMeanType, ModelVarType
 from .factory import create_gaussian_diffusion
 from .gaussian_diffusion import GaussianDiffusion
+from .guidance import classifier_free_guidance
 from .likelihood import approx_standard_normal_cdf, discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .noise import NoiseDraws, randn_like
 from .resample import (
@@ -52,4 +54,5 @@ __all__ = [
     "SolveResult",
     "solve",
     "solver_timesteps",
+    "classifier_free_guidance",
 ]

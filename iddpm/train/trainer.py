@@ -36,7 +36,7 @@ from iddpm.runtime.distributed import DistContext
 from iddpm.runtime.seeding import capture_rng_state
 from iddpm.runtime.sinks import MultiSink, ProgressBar
 from iddpm.sample import generate, save_grid
-from iddpm.train.draws import example_draws, global_positions
+from iddpm.train.draws import drop_labels, example_draws, global_positions
 from iddpm.train.ema import EMA
 from iddpm.train.guards import CheckpointHealth, LossScaleGuard, StopSignals
 from iddpm.train.meter import MetricMeter
@@ -193,8 +193,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def _model_kwargs(self, x: torch.Tensor, cond: dict) -> dict:
         kwargs = {}
-        if self.cfg.model.class_cond:
-            kwargs["y"] = cond["y"].to(self.device)
+        if self.cfg.model.class_cond:  # --class_dropout: labels -> num_classes, drawn per (seed, step, position)
+            m, positions = self.cfg.model, global_positions(len(cond["y"]), self.dist.rank, self.dist.world_size)
+            kwargs["y"] = drop_labels(cond["y"], self.tcfg.seed, self.step, positions, m.class_dropout,
+                                      m.num_classes).to(self.device)
         if self.cfg.model.super_res:  # the original's load_superres_data
             kwargs["low_res"] = F.interpolate(x, self.cfg.model.small_size, mode="area")
         return kwargs
