@@ -52,7 +52,7 @@ from iddpm.runtime.atomic import atomic_write_text
 from iddpm.runtime.distributed import distributed_context, resolve_device
 from iddpm.sample import SampleResult, SamplingPlan, gather_results, generate, load_npz, plan_sampling
 from iddpm.sample import upsample as upsample_images
-from iddpm.sample.folder import write_sample_folder
+from iddpm.sample.folder import check_out_folder, write_sample_folder
 from iddpm.train.app import load_saved_run_config
 from iddpm.train.app import train as train_run
 from iddpm.train.trainer import TrainResult
@@ -160,6 +160,8 @@ def sample(run: str | os.PathLike | None = None, settings: SampleConfig | None =
         kwargs["classes"], classes = str(classes), None
     settings, source = _split_settings("sample", kwargs, (SampleConfig, settings), (SourceConfig, source))
     settings = settings.validate()
+    if save:
+        check_out_folder(settings.out)  # before any work: a bad --out costs nothing
     plan = plan_sampling(settings, timestep_respacing)  # --sampler / --steps / --schedule (solvers: full T)
     labels = settings.class_spec() if classes is None else classes
     with distributed_context(source.device if model is None else "cpu") as ctx:
@@ -262,6 +264,8 @@ def upsample(run: str | os.PathLike, base_samples, settings: SampleConfig | None
     kwargs.setdefault("num_samples", 0)
     settings, source = _split_settings("upsample", kwargs, (SampleConfig, settings), (SourceConfig, source))
     settings = settings.validate(upsample=True)
+    if save:
+        check_out_folder(settings.out)  # before any work: a bad --out costs nothing
     plan = plan_sampling(settings, timestep_respacing)
     flag = f"--base_samples {base_samples}" if isinstance(base_samples, (str, os.PathLike)) else "--base_samples"
     images, labels = _base_images(base_samples)

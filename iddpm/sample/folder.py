@@ -7,12 +7,25 @@ import os
 from pathlib import Path
 from typing import Any
 
+from iddpm.config import ConfigError
 from iddpm.runtime.atomic import atomic_write_text
 from iddpm.runtime.lock import lock_folder
 from iddpm.sample.loop import SampleResult
 from iddpm.sample.output import save_grid, save_npz, save_pngs, save_trajectory
 
-__all__ = ["write_sample_folder"]
+__all__ = ["check_out_folder", "write_sample_folder"]
+
+
+def check_out_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """Refuse (one-line ConfigError) an output folder that cannot be created: ``path`` or one of its parents is an
+    existing file.  Called before any sampling work, so a bad ``--out`` costs nothing; creates nothing."""
+    out = Path(path)
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            what = "is an existing file" if p == out else f"lies under {p}, an existing file"
+            raise ConfigError(f"{flag} {path}: {what}, not a folder; give a folder name (it is created) or move "
+                              "the file away")
+    return out
 
 
 def write_sample_folder(result: SampleResult, out: str | os.PathLike, *, grid_size: int = 64,
