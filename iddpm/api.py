@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from iddpm.build import (
@@ -28,7 +27,7 @@ from iddpm.build import (
     null_label,
     with_respacing,
 )
-from iddpm.checkpoints.diffusers_bridge import export_pipeline, import_pipeline
+from iddpm.checkpoints.diffusers_bridge import export_pipeline, import_pipeline, run_card
 from iddpm.checkpoints.loading import convert_openai, load_trained
 from iddpm.checkpoints.model_file import save_model_file
 from iddpm.checkpoints.run_dir import pick_weights_file, resolve_checkpoint
@@ -40,19 +39,20 @@ from iddpm.config import (
     SampleConfig,
     SourceConfig,
     apply_overrides,
-    replace_checked,
     resolve_train_config,
+    split_settings,
 )
 from iddpm.diffusion import classifier_free_guidance
 from iddpm.eval.evaluate import evaluate as evaluate_sets
-from iddpm.eval.nll import NLLResult, compute_nll_share, merge_nll_shares, nll_loader, save_nll
+from iddpm.eval.nll import NLLResult, compute_nll_share, merge_nll_shares, nll_data, save_nll
 from iddpm.eval.report import plot_run as draw_run_report
 from iddpm.models import optimize
 from iddpm.runtime.atomic import atomic_write_text
 from iddpm.runtime.distributed import distributed_context, resolve_device
-from iddpm.sample import SampleResult, SamplingPlan, gather_results, generate, load_npz, plan_sampling
+from iddpm.sample import SampleResult, gather_results, generate, plan_sampling
 from iddpm.sample import upsample as upsample_images
-from iddpm.sample.folder import check_out_folder, write_sample_folder
+from iddpm.sample.folder import check_out_folder, finish_result
+from iddpm.sample.superres import base_images, check_superres_inputs
 from iddpm.train.app import load_saved_run_config
 from iddpm.train.app import train as train_run
 from iddpm.train.trainer import TrainResult
@@ -62,18 +62,6 @@ __all__ = ["load_run", "sample", "upsample", "nll", "evaluate", "train", "train_
            "pick_weights_file"]
 
 Log = Callable[[str], None] | None
-
-
-def _split_settings(what: str, kwargs: dict[str, Any], *sections: tuple[type, Any]) -> list[Any]:
-    """Apply keyword settings to the given ``(dataclass, instance or None)`` sections; unknown names -> error."""
-    out, left = [], dict(kwargs)
-    for cls, given in sections:
-        names = {f.name for f in dataclasses.fields(cls)}
-        mine = {k: left.pop(k) for k in list(left) if k in names}
-        out.append(replace_checked(given or cls(), mine, what))
-    if left:
-        raise ConfigError(f"{what}: unknown setting {sorted(left)[0]!r}")
-    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -120,6 +108,8 @@ def _objects(what: str, run, model, diffusion, cfg, source: SourceConfig, overri
             raise ConfigError(f"{what}: timestep_respacing needs cfg= (or pass a respaced diffusion)")
         diffusion = build_sampling_diffusion(cfg, timestep_respacing)
         cfg = with_respacing(cfg, timestep_respacing)
+    if isinstance(model, torch.nn.Module):  # a given network runs where the samples are drawn (device=...)
+        model = model.to(device)
     return model, diffusion, cfg, None
 
 
@@ -158,7 +148,7 @@ def sample(run: str | os.PathLike | None = None, settings: SampleConfig | None =
         kwargs["ema_rate"] = str(kwargs["ema_rate"])
     if isinstance(classes, (str, int)) and not isinstance(classes, bool):  # a SampleConfig.classes spelling
         kwargs["classes"], classes = str(classes), None
-    settings, source = _split_settings("sample", kwargs, (SampleConfig, settings), (SourceConfig, source))
+    settings, source = split_settings("sample", kwargs, (SampleConfig, settings), (SourceConfig, source))
     settings = settings.validate()
     if save:
         check_out_folder(settings.out)  # before any work: a bad --out costs nothing
@@ -182,7 +172,7 @@ def sample(run: str | os.PathLike | None = None, settings: SampleConfig | None =
     if not ctx.is_main:
         return None
     result = gather_results(parts)
-    return _finish(result, settings, source, cfg, diffusion, weights, time.perf_counter() - start, save,
+    return finish_result(result, settings, source, cfg, diffusion, weights, time.perf_counter() - start, save,
                    plan=plan, classes=labels)
 
 
@@ -226,30 +216,6 @@ def _sample_shape(cfg, image_shape, num_classes, x_T):
     return image_shape, num_classes
 
 
-def _finish(result: SampleResult, settings: SampleConfig, source: SourceConfig, cfg, diffusion, weights,
-            seconds: float, save: bool, plan: SamplingPlan | None = None, **extra: Any) -> SampleResult:
-    """Attach timing and the settings used (``sample_info.json``: with ``plan``, also the sampler, its schedule,
-    steps and NFE = model evaluations per sample); write the output folder when ``save``."""
-    result.seconds = seconds
-    nfe = int(result.nfe or diffusion.num_timesteps)
-    result.info = {
-        "run": source.run, "weights": None if weights is None else str(weights), "use_ema": bool(source.use_ema),
-        "num_samples": int(result.images.shape[0]), "batch_size": settings.batch_size, "seed": settings.seed,
-        "timestep_respacing": cfg.diffusion.timestep_respacing if cfg is not None else None,
-        "num_sampling_steps": nfe, "use_ddim": bool(settings.use_ddim),
-        **(plan.info(nfe) if plan is not None else {}),
-        "eta": settings.eta, "clip_denoised": bool(settings.clip_denoised), "seconds": round(seconds, 3),
-        "guidance_scale": settings.guidance_scale,
-        "config": cfg.to_dict() if cfg is not None else None,
-        **{k: (v if isinstance(v, (int, str, type(None))) else "given") for k, v in extra.items()},
-    }
-    if save:
-        result.files = write_sample_folder(result, settings.out, grid_size=settings.grid_size,
-                                           save_png_files=settings.save_pngs, trajectory=settings.trajectory,
-                                           info=result.info)
-    return result
-
-
 def upsample(run: str | os.PathLike, base_samples, settings: SampleConfig | None = None, *,
              source: SourceConfig | None = None, overrides: dict[str, Any] | None = None,
              timestep_respacing: str | None = None, return_trajectory: bool = False, progress: bool = False,
@@ -262,13 +228,13 @@ def upsample(run: str | os.PathLike, base_samples, settings: SampleConfig | None
     :class:`iddpm.sample.SampleResult` at the large size (None off rank 0).
     """
     kwargs.setdefault("num_samples", 0)
-    settings, source = _split_settings("upsample", kwargs, (SampleConfig, settings), (SourceConfig, source))
+    settings, source = split_settings("upsample", kwargs, (SampleConfig, settings), (SourceConfig, source))
     settings = settings.validate(upsample=True)
     if save:
         check_out_folder(settings.out)  # before any work: a bad --out costs nothing
     plan = plan_sampling(settings, timestep_respacing)
     flag = f"--base_samples {base_samples}" if isinstance(base_samples, (str, os.PathLike)) else "--base_samples"
-    images, labels = _base_images(base_samples)
+    images, labels = base_images(base_samples)
     if settings.num_samples:
         images, labels = images[: settings.num_samples], None if labels is None else labels[: settings.num_samples]
     with distributed_context(source.device) as ctx:
@@ -276,7 +242,7 @@ def upsample(run: str | os.PathLike, base_samples, settings: SampleConfig | None
                                                   plan.timestep_respacing, ctx.device, log if ctx.is_main else None,
                                                   plan.steps_kind(settings.eta))
         plan, diffusion, cfg = plan.bind(diffusion, cfg)
-        m = _check_superres(cfg, images, labels, flag, run)
+        m = check_superres_inputs(cfg, images, labels, flag, run)
         start = time.perf_counter()
         part = upsample_images(
             _sampling_model(model, cfg, settings, source), diffusion, images, large_size=m.image_size,
@@ -288,32 +254,9 @@ def upsample(run: str | os.PathLike, base_samples, settings: SampleConfig | None
         parts = ctx.all_gather_object(part)
     if not ctx.is_main:
         return None
-    return _finish(gather_results(parts), settings, source, cfg, diffusion, weights, time.perf_counter() - start,
+    return finish_result(gather_results(parts), settings, source, cfg, diffusion, weights, time.perf_counter() - start,
                    save, plan=plan,
                    base_samples=str(base_samples) if isinstance(base_samples, (str, os.PathLike)) else None)
-
-
-def _base_images(base_samples) -> tuple[np.ndarray, np.ndarray | None]:
-    if isinstance(base_samples, (str, os.PathLike)):
-        return load_npz(base_samples)
-    if isinstance(base_samples, tuple):
-        return np.asarray(base_samples[0]), base_samples[1]
-    return np.asarray(base_samples), None
-
-
-def _check_superres(cfg: RunConfig, images: np.ndarray, labels, flag: str, run):
-    m = cfg.model
-    if not m.super_res:
-        raise ConfigError(f"--run {run}: not a super-resolution model (trained without --small_size); "
-                          "use `iddpm sample`")
-    if images.ndim != 4 or images.shape[1:] != (m.small_size, m.small_size, m.in_channels):
-        shape = "x".join(str(s) for s in images.shape[1:])
-        raise ConfigError(f"{flag}: images are {shape}, the model upsamples "
-                          f"{m.small_size}x{m.small_size}x{m.in_channels}")
-    if m.class_cond and labels is not None and labels.size and labels.max() >= m.num_classes:
-        raise ConfigError(f"{flag}: label {int(labels.max())} is out of range for a model with {m.num_classes} "
-                          "classes")
-    return m
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,7 +276,7 @@ def nll(run: str | os.PathLike | None = None, settings: NLLConfig | None = None,
     """
     if kwargs.get("num_examples") is None:
         kwargs.pop("num_examples", None)
-    settings, source = _split_settings("nll", kwargs, (NLLConfig, settings), (SourceConfig, source))
+    settings, source = split_settings("nll", kwargs, (NLLConfig, settings), (SourceConfig, source))
     settings = settings.validate()
     if run is None and cfg is None and data is None:
         raise ConfigError("nll: with model= and diffusion=, pass cfg= (to find the data) or data=")
@@ -348,7 +291,7 @@ def nll(run: str | os.PathLike | None = None, settings: NLLConfig | None = None,
             say(f"class_dropout {cfg.model.class_dropout:g}: NLL conditional on the true labels (guidance_scale "
                 "does not apply to likelihoods)")
         if data is None:
-            data = _nll_data(cfg, settings, say)
+            data = nll_data(cfg, settings, say)
         start = time.perf_counter()
         share = compute_nll_share(optimize(model, "sample") if source.fast else model, diffusion, data,
                                   clip_denoised=settings.clip_denoised, device=device,
@@ -366,16 +309,6 @@ def nll(run: str | os.PathLike | None = None, settings: NLLConfig | None = None,
     if save:
         save_nll(result, settings.out)
     return result
-
-
-def _nll_data(cfg: RunConfig, settings: NLLConfig, log: Log):
-    source = settings.data_dir or cfg.data.data_dir or "digits"
-    if log and source in ("", "digits"):
-        log(f"data: bundled digits, {settings.split} split")
-    elif log:
-        log(f"data: {source}" + ("" if settings.data_dir else " (the run's training data; pass --data_dir for "
-                                                              "held-out images)"))
-    return nll_loader(cfg, data_dir=settings.data_dir or None, split=settings.split, batch_size=settings.batch_size)
 
 
 def evaluate(samples, reference, settings: EvalConfig | None = None, *, progress: bool = False,
@@ -428,24 +361,6 @@ def train(cfg: RunConfig | None = None, *, progress: bool = True, preset_name: s
 # --------------------------------------------------------------------------------------------
 # diffusers bridge
 # --------------------------------------------------------------------------------------------
-def _run_card(run: str | os.PathLike, use_ema: bool, ema_rate) -> dict[str, Any]:
-    """Model-card numbers of a run: the weights used and ``RUN_DIR/nll.json`` (``iddpm nll`` / demo) when present."""
-    card: dict[str, Any] = {"weights": (f"EMA {ema_rate}" if ema_rate is not None else "EMA") if use_ema else "raw"}
-    p = Path(run)
-    run_dir = p.parent if p.is_file() else p
-    if run_dir.parent.name == "checkpoints":  # a checkpoints/step_* folder (or a file inside one)
-        run_dir = run_dir.parent.parent
-    nll_file = run_dir / "nll.json"
-    if nll_file.is_file():
-        try:
-            summary = json.loads(nll_file.read_text(encoding="utf-8"))
-            card["NLL (bits/dim)"] = f"{float(summary['bpd']):.4f} +- {float(summary['bpd_stderr']):.4f} " \
-                                     f"({int(summary['num_examples'])} examples, {nll_file.name})"
-        except (ValueError, KeyError, TypeError):  # not an iddpm nll summary: leave it out of the card
-            pass
-    return card
-
-
 def export_diffusers(run: str | os.PathLike, out: str | os.PathLike, *, use_ema: bool = True,
                      ema_rate: float | str | None = None):
     """Export a trained model as a diffusers ``DDPMPipeline`` folder at ``out`` (new or empty); returns its Path.
@@ -454,7 +369,7 @@ def export_diffusers(run: str | os.PathLike, out: str | os.PathLike, *, use_ema:
     ``RUN_DIR/nll.json`` when present.  Models ``UNet2DModel`` cannot express exactly raise a one-line ConfigError.
     """
     model, _, cfg = load_run(run, use_ema=use_ema, ema_rate=ema_rate, device="cpu")
-    return export_pipeline(model.state_dict(), cfg, out, card=_run_card(run, use_ema, ema_rate))
+    return export_pipeline(model.state_dict(), cfg, out, card=run_card(run, use_ema, ema_rate))
 
 
 def import_diffusers(folder: str | os.PathLike, out: str | os.PathLike):

@@ -265,3 +265,21 @@ def import_pipeline(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
                                       source=str(root / "unet"))
     check_state_dict(state_dict, cfg, source=str(root / "unet"))
     return state_dict, cfg
+
+
+def run_card(run: str | os.PathLike, use_ema: bool, ema_rate) -> dict[str, Any]:
+    """Model-card numbers of a run: the weights used and ``RUN_DIR/nll.json`` (``iddpm nll`` / demo) when present."""
+    card: dict[str, Any] = {"weights": (f"EMA {ema_rate}" if ema_rate is not None else "EMA") if use_ema else "raw"}
+    p = Path(run)
+    run_dir = p.parent if p.is_file() else p
+    if run_dir.parent.name == "checkpoints":  # a checkpoints/step_* folder (or a file inside one)
+        run_dir = run_dir.parent.parent
+    nll_file = run_dir / "nll.json"
+    if nll_file.is_file():
+        try:
+            summary = json.loads(nll_file.read_text(encoding="utf-8"))
+            card["NLL (bits/dim)"] = f"{float(summary['bpd']):.4f} +- {float(summary['bpd_stderr']):.4f} " \
+                                     f"({int(summary['num_examples'])} examples, {nll_file.name})"
+        except (ValueError, KeyError, TypeError):  # not an iddpm nll summary: leave it out of the card
+            pass
+    return card

@@ -23,6 +23,7 @@ from iddpm.config.core import (
     parse_int_list,
     replace_checked,
     section_from_dict,
+    split_settings,
 )
 from iddpm.config.presets import (
     ALIASES,
@@ -75,4 +76,5 @@ __all__ = [
     "coerce_field",
     "replace_checked",
     "section_from_dict",
+    "split_settings",
 ]

@@ -21,6 +21,7 @@ __all__ = [
     "section_from_dict",
     "replace_checked",
     "check_finite",
+    "split_settings",
 ]
 
 _TRUE = ("1", "true", "yes", "y", "t")
@@ -112,3 +113,17 @@ def replace_checked(section: Any, values: dict[str, Any], where: str) -> Any:
             raise ConfigError(f"{where}: unknown key {k!r}")
         out[k] = coerce_field(names[k], v, where)
     return dataclasses.replace(section, **out)
+
+
+def split_settings(what: str, kwargs: dict[str, Any], *sections: tuple[type, Any]) -> list[Any]:
+    """Keyword settings spread over ``(dataclass, instance or None)`` sections: each section gets the keywords
+    that are its field names (coerced and checked); a keyword no section has is a one-line error naming ``what``."""
+    out, left = [], dict(kwargs)
+    for cls, given in sections:
+        names = {f.name for f in fields(cls)}
+        mine = {k: left.pop(k) for k in list(left) if k in names}
+        out.append(replace_checked(given or cls(), mine, what))
+    if left:
+        raise ConfigError(f"{what}: unknown setting {sorted(left)[0]!r}")
+    return out
+

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from iddpm.config import ConfigError, RunConfig
+from iddpm.config import ConfigError, NLLConfig, RunConfig
 from iddpm.data import load_dataset, make_loader
 from iddpm.runtime.atomic import atomic_write_bytes, atomic_write_text
 from iddpm.sample.noise import PerSampleNoise
@@ -285,3 +285,14 @@ def save_nll(result: NLLResult, path: str | os.PathLike) -> Path:
     else:
         raise ConfigError(f"--out {path}: unknown extension {suffix!r}; use .csv, .npz or .json")
     return path
+
+
+def nll_data(cfg: RunConfig, settings: NLLConfig, log: Callable[[str], None] | None = None):
+    """The ordered loader of ``settings``' data for ``cfg``'s model; ``log`` gets one line saying which data."""
+    source = settings.data_dir or cfg.data.data_dir or "digits"
+    if log and source in ("", "digits"):
+        log(f"data: bundled digits, {settings.split} split")
+    elif log:
+        log(f"data: {source}" + ("" if settings.data_dir else " (the run's training data; pass --data_dir for "
+                                                              "held-out images)"))
+    return nll_loader(cfg, data_dir=settings.data_dir or None, split=settings.split, batch_size=settings.batch_size)

@@ -7,13 +7,14 @@ import os
 from pathlib import Path
 from typing import Any
 
-from iddpm.config import ConfigError
+from iddpm.config import ConfigError, SampleConfig, SourceConfig
 from iddpm.runtime.atomic import atomic_write_text
 from iddpm.runtime.lock import lock_folder
 from iddpm.sample.loop import SampleResult
 from iddpm.sample.output import save_grid, save_npz, save_pngs, save_trajectory
+from iddpm.sample.plan import SamplingPlan
 
-__all__ = ["check_out_folder", "write_sample_folder"]
+__all__ = ["check_out_folder", "write_sample_folder", "finish_result"]
 
 
 def check_out_folder(path: str | os.PathLike, flag: str = "--out") -> Path:
@@ -56,3 +57,27 @@ def _write(result: SampleResult, out: Path, grid_size: int, save_png_files: bool
     if info is not None:
         atomic_write_text(out / "sample_info.json", json.dumps(info, indent=2, sort_keys=True) + "\n")
     return written
+
+
+def finish_result(result: SampleResult, settings: SampleConfig, source: SourceConfig, cfg, diffusion, weights,
+            seconds: float, save: bool, plan: SamplingPlan | None = None, **extra: Any) -> SampleResult:
+    """Attach timing and the settings used (``sample_info.json``: with ``plan``, also the sampler, its schedule,
+    steps and NFE = model evaluations per sample); write the output folder when ``save``."""
+    result.seconds = seconds
+    nfe = int(result.nfe or diffusion.num_timesteps)
+    result.info = {
+        "run": source.run, "weights": None if weights is None else str(weights), "use_ema": bool(source.use_ema),
+        "num_samples": int(result.images.shape[0]), "batch_size": settings.batch_size, "seed": settings.seed,
+        "timestep_respacing": cfg.diffusion.timestep_respacing if cfg is not None else None,
+        "num_sampling_steps": nfe, "use_ddim": bool(settings.use_ddim),
+        **(plan.info(nfe) if plan is not None else {}),
+        "eta": settings.eta, "clip_denoised": bool(settings.clip_denoised), "seconds": round(seconds, 3),
+        "guidance_scale": settings.guidance_scale,
+        "config": cfg.to_dict() if cfg is not None else None,
+        **{k: (v if isinstance(v, (int, str, type(None))) else "given") for k, v in extra.items()},
+    }
+    if save:
+        result.files = write_sample_folder(result, settings.out, grid_size=settings.grid_size,
+                                           save_png_files=settings.save_pngs, trajectory=settings.trajectory,
+                                           info=result.info)
+    return result

@@ -7,15 +7,17 @@ input scaled to [-1, 1] NCHW (``x / 127.5 - 1``); for class-conditional models t
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from iddpm.config import ConfigError
+from iddpm.config import ConfigError, ModelConfig, RunConfig
 from iddpm.sample.loop import SampleResult, generate
+from iddpm.sample.output import load_npz
 
-__all__ = ["low_res_from_uint8", "upsample"]
+__all__ = ["low_res_from_uint8", "upsample", "base_images", "check_superres_inputs"]
 
 
 def low_res_from_uint8(images: np.ndarray) -> torch.Tensor:
@@ -76,3 +78,29 @@ def upsample(
     if labels is not None:
         result.labels = labels[result.indices]
     return result
+
+
+def base_images(base_samples) -> tuple[np.ndarray, np.ndarray | None]:
+    """Base samples as ``(uint8 (N, h, w, C), labels or None)``: an npz path, an array or an (images, labels) pair."""
+    if isinstance(base_samples, (str, os.PathLike)):
+        return load_npz(base_samples)
+    if isinstance(base_samples, tuple):
+        return np.asarray(base_samples[0]), base_samples[1]
+    return np.asarray(base_samples), None
+
+
+def check_superres_inputs(cfg: RunConfig, images: np.ndarray, labels, flag: str, run) -> ModelConfig:
+    """One-line errors for a model that is not super-resolution, base images of the wrong size, or labels out of
+    range; returns the model settings."""
+    m = cfg.model
+    if not m.super_res:
+        raise ConfigError(f"--run {run}: not a super-resolution model (trained without --small_size); "
+                          "use `iddpm sample`")
+    if images.ndim != 4 or images.shape[1:] != (m.small_size, m.small_size, m.in_channels):
+        shape = "x".join(str(s) for s in images.shape[1:])
+        raise ConfigError(f"{flag}: images are {shape}, the model upsamples "
+                          f"{m.small_size}x{m.small_size}x{m.in_channels}")
+    if m.class_cond and labels is not None and labels.size and labels.max() >= m.num_classes:
+        raise ConfigError(f"{flag}: label {int(labels.max())} is out of range for a model with {m.num_classes} "
+                          "classes")
+    return m

@@ -42,7 +42,7 @@ def test_convert_fixture_round_trip(tmp_path, fixture_a, capsys):
         got = model(tensors["__input__.x"], tensors["__input__.timesteps"])
     torch.testing.assert_close(got, tensors["__output__.out"], atol=1e-4, rtol=1e-4)
     # identical to the same weights loaded straight into the network
-    from iddpm.api import build_model
+    from iddpm.build import build_model
 
     direct = build_model(cfg).eval()
     direct.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True)
@@ -52,7 +52,7 @@ def test_convert_fixture_round_trip(tmp_path, fixture_a, capsys):
 
 
 def test_convert_mismatch_fails_with_keys_and_preset(tmp_path, capsys):
-    from iddpm.api import build_model
+    from iddpm.build import build_model
     from iddpm.config import preset
 
     with torch.device("meta"):

@@ -18,6 +18,7 @@ from helpers import save_tiny_model, tiny_cfg
 from iddpm import api
 from iddpm.cli.main import main
 from iddpm.diffusion import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from iddpm.eval.nll import nll_loader
 from iddpm.models import optimize
 from iddpm.sample.noise import PerSampleNoise
 
@@ -67,7 +68,7 @@ def _network_roundoff_bound(ckpt, n: int, respacing: str, *, batch_sizes, bpd: f
     model, diffusion, cfg = api.load_run(ckpt, timestep_respacing=respacing)
     nets32 = [model, optimize(copy.deepcopy(model), mode="sample", compile=False)]
     net64 = copy.deepcopy(model).double()
-    x32 = torch.as_tensor(next(iter(api.nll_loader(cfg, batch_size=n)))[0], dtype=torch.float32)
+    x32 = torch.as_tensor(next(iter(nll_loader(cfg, batch_size=n)))[0], dtype=torch.float32)
     x64 = x32.double()
     streams = PerSampleNoise(0, range(n), x32.shape[1:])  # compute_nll's draws: one per step, t = T-1 .. 0
     outputs, deviations = [], []

@@ -157,7 +157,7 @@ def test_time_budget(tmp_path):
 
 def test_resume_from_the_originals_pt_files(tmp_path):
     """``--resume_checkpoint modelNNNNNN.pt`` (improved-diffusion's naming) with its ema_/opt siblings."""
-    from iddpm.api import build_model
+    from iddpm.build import build_model
     from iddpm.cli.args import resolve_run_config
     from iddpm.cli.main import build_parser
 

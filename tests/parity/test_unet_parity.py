@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from iddpm.api import build_model
+from iddpm.build import build_model
 from iddpm.config import preset
 from iddpm.models import SuperResModel, UNetModel, optimize, timestep_embedding
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from iddpm.api import build_model
+from iddpm.build import build_model
 from iddpm.checkpoints.model_file import FORMAT, load_model_file, read_model_file, save_model_file
 from iddpm.checkpoints.openai import (
     check_state_dict,
