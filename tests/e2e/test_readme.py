@@ -55,6 +55,9 @@ def test_cli_commands_and_flags_exist():
             if not words or words[0].startswith("-"):
                 continue
             sub = subparsers.choices[words[0]]
+            nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+            if nested and len(words) > 1 and words[1] in nested[0].choices:  # e.g. `iddpm export diffusers`
+                sub = nested[0].choices[words[1]]
             known = {opt for a in sub._actions for opt in a.option_strings}
             for w in words[1:]:
                 if w.startswith("--"):
