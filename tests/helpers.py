@@ -168,3 +168,15 @@ def restore_torch_process_settings(saved: dict) -> list[str]:
                                    f"{saved[name]!r}: {exc}") from None
             restored.append(name)
     return restored
+
+
+def toy_model(x, t, y=None, low_res=None):
+    """A smooth stand-in for a network (epsilon prediction shaped like x) that depends on x, t and, when given,
+    the label ``y`` and the ``low_res`` input."""
+    s = t.float().reshape(-1, 1, 1, 1)
+    out = torch.tanh(0.7 * x + 0.3 * torch.sin(s / 100))
+    if y is not None:
+        out = out + 0.1 * y.float().reshape(-1, 1, 1, 1)
+    if low_res is not None:
+        out = out + 0.2 * torch.nn.functional.interpolate(low_res, size=x.shape[-2:], mode="nearest")
+    return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same_images, random_weights, tiny_cfg
+from helpers import assert_same_images, random_weights, tiny_cfg, toy_model
 
 from iddpm.config import ConfigError
 from iddpm.diffusion import create_gaussian_diffusion
@@ -19,18 +19,6 @@ from iddpm.sample import (
 )
 
 SHAPE = (3, 4, 4)
-
-
-
-def toy_model(x, t, y=None, low_res=None):
-    """A smooth stand-in for a network that depends on x, t and (optionally) the label / low_res input."""
-    s = t.float().reshape(-1, 1, 1, 1)
-    out = torch.tanh(0.7 * x + 0.3 * torch.sin(s / 100))
-    if y is not None:
-        out = out + 0.1 * y.float().reshape(-1, 1, 1, 1)
-    if low_res is not None:
-        out = out + 0.2 * torch.nn.functional.interpolate(low_res, size=x.shape[-2:], mode="nearest")
-    return out
 
 
 @pytest.fixture(scope="module")

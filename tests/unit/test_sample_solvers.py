@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import assert_same_images, random_weights
+from helpers import assert_same_images, random_weights, toy_model
 
 from iddpm import api
 from iddpm.checkpoints.model_file import save_model_file
@@ -25,17 +25,6 @@ SHAPE = (3, 4, 4)
 # A 1-channel, learned-sigma 8x8 U-Net (as the digits models) on a cosine schedule of T steps.
 TINY = dict(image_size=8, in_channels=1, num_channels=32, num_res_blocks=1, channel_mult="1,2",
             attention_resolutions="4", learn_sigma=True, noise_schedule="cosine", rescale_timesteps=True)
-
-
-def toy_model(x, t, y=None, low_res=None):
-    """A smooth stand-in for a network (epsilon prediction shaped like x) depending on x, t, y and low_res."""
-    s = t.float().reshape(-1, 1, 1, 1)
-    out = torch.tanh(0.7 * x + 0.3 * torch.sin(s / 100))
-    if y is not None:
-        out = out + 0.1 * y.float().reshape(-1, 1, 1, 1)
-    if low_res is not None:
-        out = out + 0.2 * torch.nn.functional.interpolate(low_res, size=x.shape[-2:], mode="nearest")
-    return out
 
 
 class TimeRecorder:
