@@ -11,10 +11,11 @@ only, the model's full T: ancestral sampling with the learned variances on the r
 (``timestep_respacing=N``), DDIM (eta 0, ``--sampler ddim --steps N``: the respacing ``N``, evenly spaced from
 T-1 to 0), and the solvers of :mod:`iddpm.diffusion.solvers` (``--sampler S --steps N`` on the full T-step
 diffusion): DPM-Solver++ 2M with all three step grids (uniform, logsnr, karras), 3M, 2M SDE and UniPC with their
-measured default grid (logsnr).  Each entry is the mean over ``--seeds`` (default 3) of the digit-FID of
-``--num_samples`` (default 1000) samples against the 360 test digits (``api.evaluate(images, "digits-test")``:
-the shipped digits CNN), with its standard error over seeds; sample i of seed s starts from the same x_T for every
-sampler, so comparisons use paired per-seed differences and call a difference one only beyond two standard errors.
+measured default grid (logsnr; ``--schedules default,uniform`` adds the uniform grid).  Each entry is the mean
+over ``--seeds`` (default 3) of the digit-FID of ``--num_samples`` (default 1000) samples against the 360 test
+digits (``api.evaluate(images, "digits-test")``: the shipped digits CNN), with its standard error over seeds;
+sample i of seed s starts from the same x_T for every sampler, so comparisons use paired per-seed differences and
+call a difference one only beyond two standard errors.
 
 The run: ``--run DIR`` (any run directory, checkpoint or model file of 8x8 grayscale digits); by default the demo's
 model (:func:`iddpm.cli.demo.demo_base_config`) trained for a fixed budget of ``--train_steps`` optimizer steps
@@ -73,15 +74,17 @@ class Method(NamedTuple):
         return f"{self.sampler} ({self.schedule})"
 
 
-def methods(samplers, all_schedules) -> list[Method]:
-    """The measured methods: every schedule for the samplers in ``all_schedules``, the default grid otherwise."""
+def methods(samplers, all_schedules, schedules=("default",)) -> list[Method]:
+    """The measured methods: every grid for the samplers in ``all_schedules``, the grids ``schedules`` (``default``
+    = the solver's :data:`~iddpm.diffusion.solvers.DEFAULT_SCHEDULE`) for the other solvers."""
     out = []
     for s in samplers:
         if s in ("ancestral", "ddim"):
             out.append(Method(s))
-        else:
-            grids = [DEFAULT_SCHEDULE[s]] + [g for g in SCHEDULES if g != DEFAULT_SCHEDULE[s]]
-            out.extend(Method(s, g) for g in (grids if s in all_schedules else grids[:1]))
+            continue
+        grids = SCHEDULES if s in all_schedules else [DEFAULT_SCHEDULE[s] if g == "default" else g for g in schedules]
+        grids = sorted(set(grids), key=lambda g: (g != DEFAULT_SCHEDULE[s], SCHEDULES.index(g)))
+        out.extend(Method(s, g) for g in grids)
     return out
 
 
@@ -96,6 +99,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch_size", type=int, default=500)
     p.add_argument("--samplers", default=",".join(SAMPLERS), help="comma list (default: all)")
     p.add_argument("--all_schedules", default="dpm++2m", help="samplers measured on every step grid")
+    p.add_argument("--schedules", default="default", help="grids of the other solvers: comma list of default "
+                   "(the solver's DEFAULT_SCHEDULE), uniform, logsnr, karras")
     p.add_argument("--no_full_T", action="store_true", help="skip ancestral sampling with all T steps")
     p.add_argument("--train_steps", type=int, default=TRAIN_STEPS, help="budget of the default run (steps)")
     p.add_argument("--threads", type=int, default=1)
@@ -111,6 +116,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.seeds = [int(v) for v in args.seeds.split(",") if v]
     args.samplers = [s for s in args.samplers.split(",") if s]
     args.all_schedules = {s for s in args.all_schedules.split(",") if s}
+    args.schedules = [s for s in args.schedules.split(",") if s]
+    if not args.schedules or set(args.schedules) - {"default", *SCHEDULES}:
+        p.error(f"--schedules {','.join(args.schedules)}: choose from default,{','.join(SCHEDULES)}")
     args.out = Path(args.out) if args.out else (DEFAULT_OUT / "quick" if args.quick else DEFAULT_OUT)
     if min(args.nfe) < 1 or not args.seeds or args.num_samples < 2:
         p.error("--nfe values >= 1, at least one seed and --num_samples >= 2")
@@ -168,7 +176,7 @@ def measure(loaded, method: Method, nfe: int, seed: int, args) -> dict:
 def plan(args, T: int) -> list[tuple[Method, int, int]]:
     """Every (method, nfe, seed) to measure, by NFE first so that the few-step entries come early."""
     todo = []
-    ms = methods(args.samplers, args.all_schedules)
+    ms = methods(args.samplers, args.all_schedules, args.schedules)
     nfes = [n for n in args.nfe if n <= T]
     for nfe in nfes + ([T] if "ancestral" in args.samplers and not args.no_full_T and T not in nfes else []):
         for m in ms:
@@ -230,8 +238,8 @@ def main(argv=None) -> int:
             f.flush()
             log(f"[{i + 1}/{len(todo)}] {m.label} NFE {nfe} seed {seed}: FID {row['fid']:.3f}, "
                 f"{row['s_per_1000']:.1f} s/1000")
-    wanted = {(m.label, n, s) for m, n, s in plan(args, T)}
-    raw = [r for k, r in done.items() if k in wanted]
+    # the report holds every measurement of this run and sample count made with these seeds (earlier calls too)
+    raw = [r for r in done.values() if r["seed"] in args.seeds]
     meta = dict(benchmark="few-step samplers: digit-FID and wall time vs NFE", started=started,
                 argv=sys.argv[1:] if argv is None else list(argv), command=_command(argv),
                 machine=dict(cpu=cpu_model(), cores=os.cpu_count(), torch_threads=args.threads,

@@ -167,6 +167,15 @@ def _versus_lines(summary: list[dict]) -> list[str]:
     return lines
 
 
+def _grids_measured(summary: list[dict]) -> str:
+    """``dpm++2m: uniform, logsnr, karras; unipc: logsnr`` (the solver's default grid is logsnr here)."""
+    grids: dict[str, list[str]] = defaultdict(list)
+    for r in sorted(summary, key=_order):
+        if r["schedule"] and r["schedule"] not in grids[r["sampler"]]:
+            grids[r["sampler"]].append(r["schedule"])
+    return "; ".join(f"{s}: {', '.join(g)}" for s, g in grids.items()) or "(none)"
+
+
 def markdown(meta: dict, summary: list[dict], T: int) -> str:
     m, run = meta["machine"], meta["run"]
     budget = f", {run['train_steps']} training steps" if "train_steps" in run else ""
@@ -185,8 +194,8 @@ def markdown(meta: dict, summary: list[dict], T: int) -> str:
         f"{meta['data_floor_fid']:.3f}.", "",
         "Samplers: ancestral = the learned-variance `p_sample` loop on the respaced diffusion "
         "(`timestep_respacing=N`); ddim = eta 0 on the respacing N (`--sampler ddim --steps N`: evenly spaced from "
-        "T-1 to 0); the solvers step the full diffusion (`--sampler S --steps N`). Schedules: all three grids for "
-        "dpm++2m, the solver's measured default (logsnr) for the others. Sample i of seed s starts from the same "
+        "T-1 to 0); the solvers step the full diffusion (`--sampler S --steps N`) on the step grids "
+        f"{_grids_measured(summary)}. Sample i of seed s starts from the same "
         "x_T for every sampler, so comparisons use paired per-seed differences; a difference is called one only "
         "beyond two standard errors.", "",
         "## digit-FID ± SE · seconds per 1000 samples, by NFE (model evaluations per sample)", "",
