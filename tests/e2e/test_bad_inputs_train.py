@@ -322,6 +322,7 @@ def _signalled_trainer(tmp_path, monkeypatch, during_save: int):
 
 
 def test_second_ctrl_c_while_stopping_still_writes_the_checkpoint(tmp_path, monkeypatch, capsys):
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the test runner was started in the background
     prepared = _signalled_trainer(tmp_path, monkeypatch, during_save=1)
     try:
         result = prepared.trainer.run()
@@ -331,10 +332,11 @@ def test_second_ctrl_c_while_stopping_still_writes_the_checkpoint(tmp_path, monk
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2, 3]
     assert "stopping: the step in progress finishes and its checkpoint is written; Ctrl-C again aborts without " \
            "saving" in capsys.readouterr().err
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 
 
 def test_third_ctrl_c_aborts_and_says_nothing_was_saved(tmp_path, monkeypatch):
+    before = signal.getsignal(signal.SIGINT)
     prepared = _signalled_trainer(tmp_path, monkeypatch, during_save=2)
     try:
         with pytest.raises(TrainingAborted, match=r"aborted by Ctrl-C without saving at step 3; the last checkpoint "
@@ -343,7 +345,7 @@ def test_third_ctrl_c_aborts_and_says_nothing_was_saved(tmp_path, monkeypatch):
     finally:
         prepared.release()
     assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 @pytest.mark.slow
